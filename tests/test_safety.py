@@ -21,6 +21,7 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("fmt", ["torch_zip", "raw_pickle"])
 @pytest.mark.parametrize("ext", [".bin", ".pt", ".ckpt", ".pkl"])
 def test_malicious_pickle_is_refused_without_running(tmp_path, fmt, ext):
@@ -41,7 +42,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, fmt, ext):
 
 def test_plain_tensor_pickle_is_accepted(tmp_path):
     path = tmp_path / "opt.pt"
-    torch.save({"state": {0: {"step": 3, "exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}, path)
+    torch.save({"state": {0: {"step": 3, "exp_avg": torch.ones(3)}},
+                "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}, path)
     check_no_pickle_payload(str(path))
     assert safe_torch_load(str(path))["state"][0]["step"] == 3
     check_no_pickle_payload(str(tmp_path / "whatever.safetensors"))  # not a pickle extension: nothing to do

@@ -17,6 +17,7 @@ goes through the helpers here, so the rules live in one place:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -122,7 +123,8 @@ def safe_torch_load(path: str, map_location: Any = "cpu", what: str = "file") ->
             "as .safetensors files.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise FourbitError(f"The {what} `{path}` is truncated or corrupt and cannot be read "
-                           f"({str(e).splitlines()[0][:200]}). Re-create it, or resume from another checkpoint.") from None
+                           f"({str(e).splitlines()[0][:200]}). Re-create it, or resume from another "
+                           "checkpoint.") from None
 
 
 def check_no_pickle_payload(path: str) -> None:
@@ -149,6 +151,27 @@ def read_safetensors(path: str, device: str = "cpu") -> dict:
         raise FourbitError(f"The weights file `{path}` is truncated or not a valid safetensors file "
                            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
                            "Re-create it (an interrupted copy or save leaves such files).") from None
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in folder `path` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def read_json(path: str, what: str = "JSON file") -> Any:
@@ -207,7 +230,8 @@ def check_adapter_config(cfg: dict, folder: str) -> dict:
     if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 65536:
         raise bad(f"`r` must be a positive integer of at most 65536, got {r!r}")
     alpha = cfg.get("lora_alpha", r)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 < alpha <= 1e6:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or not 0 < alpha <= 1e6:
         raise bad(f"`lora_alpha` must be a finite positive number, got {alpha!r}")
     dropout = cfg.get("lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -254,4 +278,5 @@ def check_remote_code(model_config: dict, trust_remote_code: bool, model: str) -
     if model_config.get("auto_map") and not trust_remote_code:
         raise FourbitError(f"The model `{model}` ships its own Python code (config.json has `auto_map`), which "
                            "fourbit does not run by default. If you trust its authors, set `trust_remote_code: true` "
-                           "in the config (or --trust_remote_code=true); otherwise use a model supported by transformers.")
+                           "in the config (or --trust_remote_code=true); otherwise use a model supported by "
+                           "transformers.")
