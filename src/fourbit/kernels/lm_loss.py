@@ -1,0 +1,112 @@
+"""LM head + cross-entropy without materialising the (N, V) fp32 logits.
+
+Why our own op: for a 128k vocabulary the plain path (`hidden @ W.T` -> `.float()` -> cross_entropy)
+holds the bf16 logits, their fp32 copy and an fp32 gradient of the same size: about 12 GB at
+N = 8192 tokens. Here tokens are processed in chunks and each chunk's gradients are produced in
+the forward pass, so the peak extra memory is a few (chunk, V) buffers, whatever N is.
+
+The math, per token t with hidden h_t, target y_t (ignored when y_t == ignore_index):
+
+    z_t   = fp32(W h_t)                     logits in the weight dtype, upcast per chunk   (V,)
+    lse_t = log sum_v exp(z_tv)
+    loss  = sum_{t valid} (lse_t - z_{t,y_t})                                              scalar
+    dL/dz_t = softmax(z_t) - onehot(y_t)     (0 for ignored tokens)
+    dL/dh_t = W^T dz_t                       computed as dtype(dz_t) @ W, like autograd on the plain path
+    dL/dW   = sum_t dz_t h_t^T               per chunk in the weight dtype, summed in fp32 (so in
+                                             bf16 it carries ~1.3x the plain path's rounding error)
+
+Ignored tokens are dropped before any compute (prompt tokens are often half of an SFT batch), so
+an all-ignored batch costs nothing and gives loss 0 with zero gradients, never NaN. The loss is the
+SUM over trainable tokens: the trainer divides by the trainable-token count of the whole
+accumulated batch (backward then just scales the stored gradients by that factor).
+Labels must already be aligned with the hidden positions (shifted by the caller).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def lm_head_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The plain path: full logits, upcast, summed cross-entropy over non-ignored tokens."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T          # (N, V) weight dtype
+    return F.cross_entropy(logits.float(), labels.reshape(-1), reduction="sum", ignore_index=ignore_index)
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Forward computes the loss and the gradients; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int, need_hidden_grad: bool, need_weight_grad: bool) -> torch.Tensor:
+        # hidden (N, H); weight (V, H); rows (M,) indices of trainable tokens; targets (M,) their labels
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_hidden_grad else None              # (N, H)
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if need_weight_grad else None)                                     # (V, H) fp32 accumulator
+        for s in range(0, rows.numel(), chunk_size):
+            r, y = rows[s:s + chunk_size], targets[s:s + chunk_size]                 # (C,), (C,)
+            h = hidden.index_select(0, r).to(weight.dtype)                           # (C, H)
+            z = (h @ weight.T).float()                                               # (C, V) fp32
+            lse = torch.logsumexp(z, dim=-1)                                         # (C,)
+            loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # dL/dz = softmax(z) - onehot(y), built in place in z's buffer (no second (C, V) fp32).
+            dz = z.sub_(lse[:, None]).exp_()
+            dz[torch.arange(y.numel(), device=y.device), y] -= 1.0
+            dz = dz.to(weight.dtype)                                                 # (C, V) like autograd's cast
+            if grad_h is not None:
+                grad_h.index_copy_(0, r, (dz @ weight).to(hidden.dtype))             # (C, H)
+            if grad_w is not None:
+                grad_w += dz.T @ h                                                   # (V, H)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        # Scale in fp32 and round once: grad_out is often 1 / n_tokens, inexact in bf16.
+        gh = (grad_h.float() * grad_out).to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
+                 reduction: str = "sum", ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of `hidden @ weight.T` against `labels`, chunked over tokens.
+
+    Args:
+        hidden: (N, H) or (B, T, H) final hidden states (bf16 on the GPU path).
+        weight: (V, H) output embedding; its gradient is computed only if it requires grad.
+        labels: (N,) or (B, T) target ids aligned with `hidden`, `ignore_index` where no loss.
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size * V * 8 bytes.
+        reduction: "sum" (the trainer normalises) or "mean" over non-ignored tokens.
+    Returns:
+        (loss, n_tokens): fp32 scalar loss (0 when no token is trainable), the count of trainable tokens.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    H = hidden.shape[-1]
+    flat_h = hidden.reshape(-1, H)                                    # (N, H)
+    flat_y = labels.reshape(-1)                                       # (N,)
+    if flat_y.numel() != flat_h.shape[0]:
+        raise ValueError(f"labels hold {flat_y.numel()} tokens, hidden {flat_h.shape[0]}")
+    # One host sync: which tokens are trainable (compute only on those).
+    rows = (flat_y != ignore_index).nonzero().squeeze(1)             # (M,)
+    targets = flat_y.index_select(0, rows)                            # (M,)
+    n_tokens = rows.numel()
+    if n_tokens and not bool(((targets >= 0) & (targets < weight.shape[0])).all()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index}")
+    grad_on = torch.is_grad_enabled()
+    loss = ChunkedLMHeadLoss.apply(flat_h, weight, rows, targets, chunk_size,
+                                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    if reduction == "mean":
+        loss = loss / max(n_tokens, 1)
+    return loss, n_tokens
