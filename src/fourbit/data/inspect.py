@@ -97,7 +97,8 @@ def inspect_cmd(cfg, args) -> int:
     state = "on" if cfg.data.packing else "off (data.packing: true to enable)"
     print(f"padding at micro_batch_size {cfg.train.micro_batch_size}: {st['pad_fraction_unpacked']:.1%} of token "
           f"slots unpacked; packed {st['rows_unpacked']:,} examples into {st['rows_packed']:,} rows with "
-          f"{st['pad_fraction_packed']:.1%} padding ({st['slots_saved']:.1%} fewer slots). Packing is {state}.")
+          f"{st['pad_fraction_packed']:.1%} padding ({1 - st['slots_saved']:.0%} of the unpacked token slots). "
+          f"Packing is {state}.")
     index = getattr(args, "index", 0)
     if not 0 <= index < len(examples):
         raise DataError(f"--index {index} is out of range: the {split} data has {len(examples)} examples.")
