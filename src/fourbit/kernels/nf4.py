@@ -151,6 +151,7 @@ if triton is not None:
         EVEN: tl.constexpr,          # n_elements == n_blocks * blocksize and n_blocks % NB == 0: no masks
         INT64: tl.constexpr,         # offsets may pass 2**31
         SOFT_BF16: tl.constexpr,     # round fp32 -> bf16 with integer ops (the interpreter's cast truncates)
+        VEC: tl.constexpr,           # packed bytes per thread per load (4: see below)
     ):
         """out[j] = cast(code[nib(j)] * s[j // blocksize]), s = code2[q] * absmax2[b // 256] + offset.
 
@@ -158,13 +159,23 @@ if triton is not None:
         16-byte vector loads, both nibbles are looked up in the 16-entry code table (an L1-resident
         gather), scaled by the block's scale decoded in-register, interleaved (high nibble first)
         into an (NB, 2*HALF) tile and stored in the output dtype.
+
+        Layout: with VEC=4 a thread loads 4 packed bytes (one 32-bit load; a warp still reads 128
+        contiguous bytes) and stores the 8 bf16 they expand to as one 16-byte store, so load and
+        store share one register layout. Letting the compiler use 16-byte loads (VEC=16) makes the
+        store layout differ and Triton converts through shared memory (7 barriers per program in the
+        sm_90 PTX); the 4-byte loads are only 1/5 of the bytes moved.
         """
         pid = tl.program_id(0)
         if INT64:
             pid = pid.to(tl.int64)
         blk = pid * NB + tl.arange(0, NB)                                  # (NB,) quant block ids
-        byte_offs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]       # (NB, HALF)
-        out_offs = blk[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]  # (NB, 2*HALF)
+        col = tl.arange(0, HALF)
+        col = (col // VEC) * VEC + col % VEC          # same values; the compiler proves contiguity VEC
+        col2 = tl.arange(0, 2 * HALF)
+        col2 = (col2 // (2 * VEC)) * (2 * VEC) + col2 % (2 * VEC)
+        byte_offs = blk[:, None] * HALF + col[None, :]                      # (NB, HALF)
+        out_offs = blk[:, None] * (2 * HALF) + col2[None, :]                # (NB, 2*HALF)
 
         if EVEN:
             q = tl.load(absmax_ptr + blk)
@@ -207,22 +218,23 @@ def _interpreting(fn) -> bool:
 # Decided once at import (a constant, not mutable state): the kernel object tells which mode it is in.
 _INTERPRET = triton is not None and _interpreting(_nf4_dequant_kernel)
 
-# Default launch shape: 4 KiB of packed bytes (8192 outputs) per program, 8 warps, so each thread
-# loads 16 bytes and stores 32 values. kernels_bench.py sweeps alternatives on the GPU.
+# Default launch shape: 4 KiB of packed bytes (8192 outputs) per program, 8 warps: each thread
+# handles 16 bytes (4 loads of 4 bytes) and stores 32 values. kernels_bench.py sweeps alternatives on the GPU.
 DEFAULT_BYTES_PER_PROGRAM = 4096
 DEFAULT_NUM_WARPS = 8
+DEFAULT_VEC = 4
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
                    bytes_per_program: int = DEFAULT_BYTES_PER_PROGRAM,
-                   num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
+                   num_warps: int = DEFAULT_NUM_WARPS, vec: int = DEFAULT_VEC) -> torch.Tensor:
     """Triton NF4 dequantization, bit-identical to `dequantize_nf4_reference`.
 
     Args:
         packed: the packed 4-bit weight (any shape, uint8 or other quant_storage), contiguous.
         quant_state: bitsandbytes QuantState (nf4) or, cheaper per call, an `NF4State`.
         out: optional preallocated output of `quant_state.shape` and `.dtype` (contiguous).
-        bytes_per_program, num_warps: launch shape (tuning knobs).
+        bytes_per_program, num_warps, vec: launch shape (tuning knobs; vec divides blocksize // 2).
     Returns:
         (*quant_state.shape) tensor in quant_state.dtype.
     """
@@ -251,7 +263,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
         n, n_blocks,
         HALF=half, BLOCKSIZE2=max(st.blocksize2, 1), NB=nb, NESTED=st.nested, EVEN=even,
         INT64=n + 2 * st.blocksize * nb >= 2**31,
-        SOFT_BF16=st.dtype == torch.bfloat16 and _INTERPRET,
+        SOFT_BF16=st.dtype == torch.bfloat16 and _INTERPRET, VEC=min(vec, half),
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
