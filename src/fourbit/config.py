@@ -119,7 +119,15 @@ class TrainConfig:
     save_every: int = 100
     """Write a checkpoint every N optimizer steps (0: only the final adapter)."""
     keep_checkpoints: int = 0
-    """Keep only the newest N checkpoints (0 keeps all)."""
+    """Keep only the newest N checkpoints (0 keeps all); the newest complete one is never pruned."""
+    resume: Literal["never", "auto", "always"] = "never"
+    """`auto`: continue from the newest complete checkpoint in the run folder if there is one (falling back to the previous one, with a warning, if the newest is broken); `always`: like `--resume`, fail when there is none; `never`: start fresh."""
+    max_bad_steps: int = 5
+    """Stop the run after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped, not applied)."""
+    auto_micro_batch: bool = False
+    """On out-of-memory, halve the micro-batch and double grad_accum (same effective batch) and retry the step."""
+    checkpointing_policy: Literal["auto", "off", "full", "offload"] = "auto"
+    """Activation checkpointing when grad_checkpointing is true: `full` recomputes each decoder layer, `offload` also moves the saved layer inputs to CPU memory, `auto` picks by the memory budget."""
     seed: int = 0
     """Seed for LoRA initialisation, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,283 @@
+"""LoRA: our own `LoRALinear` wrapped around a frozen base linear (4-bit or 16-bit).
+
+Why our own layer instead of PEFT's: the frozen 4-bit matmul is an autograd function that
+dequantizes the NF4 weight just before use and again in backward, saving nothing but the packed
+weight, so no bf16 copy of the weight outlives one matmul; and the fused GPU path (fourbit.kernels)
+plugs into the same layer without patching anyone's classes. Parameters and files follow PEFT's
+layout, so `peft.PeftModel.from_pretrained` reads what we write and we read what PEFT writes.
+
+    y = base(x) + (alpha / r) * B(A(dropout(x)))      A: (r, in), B: (out, r), B starts at 0
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LoraConfig
+from .errors import FourbitError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def is_4bit(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return w is not None and hasattr(w, "quant_state") and w.dtype == torch.uint8
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_4bit(module)
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a frozen base linear in its compute dtype."""
+    if is_4bit(module):
+        from .kernels.nf4 import dequantize_nf4_fast
+        return dequantize_nf4_fast(module.weight.data, module.weight.quant_state)
+    return module.weight
+
+
+class _Frozen4bitMatmul(torch.autograd.Function):
+    """y = x @ W^T with W dequantized from NF4 in forward and again in backward (nothing else saved)."""
+
+    @staticmethod
+    def forward(ctx, x, base: nn.Module):
+        ctx.base = base
+        return F.linear(x, dequantize(base).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w = dequantize(ctx.base).to(gy.dtype)          # (out, in)
+        return gy @ w, None                              # (..., in)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update; PEFT's attribute names.
+
+    LoRA weights are kept in fp32 (the optimizer's master copy) and cast to the activation dtype
+    for the matmuls, so tiny updates are not rounded away in bf16.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        # A ~ kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT do; B = 0 so the untrained model equals the base.
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            a.uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if is_4bit(base):
+            y = _Frozen4bitMatmul.apply(x, base)
+        else:
+            y = F.linear(x, base.weight.to(x.dtype))
+        if getattr(base, "bias", None) is not None:
+            y = y + base.bias.to(y.dtype)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)                                              # (..., out)
+        a = self.lora_A.weight.to(x.dtype)                                   # (r, in)
+        b = self.lora_B.weight.to(x.dtype)                                   # (out, r)
+        h = F.linear(self.lora_dropout(x), a)                                # (..., r)
+        return y + F.linear(h, b) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, 4bit={is_4bit(self.base_layer)}"
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Dotted names of the linear layers LoRA may target (everything but the output embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if is_linear(m) and m is not head and not isinstance(m, LoRALinear)
+            and not n.endswith(("lora_A", "lora_B"))]
+
+
+def match_targets(model: nn.Module, targets) -> list[str]:
+    """Module names selected by `targets` (`all-linear` or a list of names / dotted suffixes / regexes)."""
+    names = decoder_linear_names(model)
+    if targets == "all-linear":
+        chosen = names
+    else:
+        if isinstance(targets, str):
+            targets = [targets]
+        chosen = []
+        for n in names:
+            for t in targets:
+                if n == t or n.endswith("." + t) or re.fullmatch(t, n):
+                    chosen.append(n)
+                    break
+    if not chosen:
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise FourbitError(f"lora.targets {targets!r} matches no linear layer of this model. Its linear layers are: "
+                           f"{', '.join(short) or '(none)'}. Set lora.targets to some of these names or to all-linear.")
+    return chosen
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0, targets: Optional[list[str]] = None,
+               use_rslora: bool = False) -> list[str]:
+    """Replace each targeted linear by a LoRALinear (in place). Returns the wrapped module names."""
+    names = targets if targets is not None else match_targets(model, cfg.targets)
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, use_rslora=use_rslora)
+        layer.reset_parameters(gen)
+        _set_module(model, name, layer)
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) with 4-bit weights counted as their logical (unpacked) size."""
+    total = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if hasattr(p, "quant_state") and p.dtype == torch.uint8:
+                total += int(torch.Size(p.quant_state.shape).numel())
+            else:
+                total += p.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}" if unit == "B" else f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """e.g. "trainable 41.9M / 8.07B (0.52%)"."""
+    trainable, total = count_parameters(model)
+    return f"trainable {_human(trainable)} / {_human(total)} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's file keys (base_model.model.<module>.lora_A.weight)."""
+    out = {}
+    for name, m in lora_layers(model):
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def adapter_config(model: nn.Module, cfg: LoraConfig, base_name: str, quant: Optional[dict] = None) -> dict:
+    """adapter_config.json content in PEFT's schema (+ a `fourbit` section peft ignores)."""
+    names = [n for n, _ in lora_layers(model)]
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "fourbit": {"version": 1, "modules": names, "quant": quant},
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str, cfg: LoraConfig, base_name: str, quant: Optional[dict] = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT layout) into `out_dir`."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(adapter_state_dict(model), os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(adapter_config(model, cfg, base_name, quant), f, indent=2)
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FourbitError(f"`{adapter_dir}` is not an adapter folder: {ADAPTER_CONFIG} is missing. Give the "
+                           "adapter/ folder of a run, or a PEFT LoRA adapter folder.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            acfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise FourbitError(f"{path} is not valid JSON: {e}") from None
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise FourbitError(f"{path}: peft_type {acfg.get('peft_type')!r} is not supported; fourbit reads LoRA adapters.")
+    for key, bad in (("use_dora", True), ("bias", "all"), ("bias", "lora_only")):
+        if acfg.get(key) == bad:
+            raise FourbitError(f"{path}: {key}={bad!r} is not supported by fourbit's LoRA layer.")
+    if acfg.get("modules_to_save"):
+        raise FourbitError(f"{path}: modules_to_save {acfg['modules_to_save']} (fully trained extra modules) "
+                           "is not supported by fourbit.")
+    return acfg
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
+    """Attach a LoRA adapter (fourbit's or PEFT's) to `model` in place. Returns its config."""
+    from safetensors.torch import load_file
+    acfg = read_adapter_config(adapter_dir)
+    wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise FourbitError(f"Adapter weights {wpath} not found (fourbit reads only safetensors, never pickled .bin files).")
+    try:
+        sd = load_file(wpath)
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise FourbitError(f"Adapter weights {wpath} could not be read ({e}); the file is truncated or corrupt.") from None
+    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if ".lora_" in k})
+    known = set(decoder_linear_names(model))
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise FourbitError(f"Adapter {adapter_dir} targets modules this model does not have: {', '.join(missing[:5])}. "
+                           "Is it an adapter for a different base model?")
+    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    ranks, alphas = acfg.get("rank_pattern") or {}, acfg.get("alpha_pattern") or {}
+    for name in modules:
+        key = next((k for k in ranks if name == k or name.endswith("." + k)), None)
+        mr = int(ranks[key]) if key else r
+        key = next((k for k in alphas if name == k or name.endswith("." + k)), None)
+        ma = float(alphas[key]) if key else alpha
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, mr, ma, float(acfg.get("lora_dropout", 0.0)), use_rslora=bool(acfg.get("use_rslora")))
+        for part in ("lora_A", "lora_B"):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            if key not in sd:
+                raise FourbitError(f"Adapter {wpath} lacks tensor {key}; the file is incomplete.")
+            w = getattr(layer, part).weight
+            if tuple(sd[key].shape) != tuple(w.shape):
+                raise FourbitError(f"Adapter tensor {key} has shape {tuple(sd[key].shape)}, expected {tuple(w.shape)} "
+                                   "for this base model.")
+            with torch.no_grad():
+                w.copy_(sd[key].to(w.dtype))
+        _set_module(model, name, layer)
+    return acfg
