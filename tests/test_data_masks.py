@@ -72,7 +72,8 @@ def sentencepiece_like(template):
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    corpus = [m["content"] for m in CONV] * 20 + ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789!?.+"]
+    corpus = [m["content"] for m in CONV] * 20 + [
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789!?.+"]
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>",
                                                                                        "[INST]", "[/INST]"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

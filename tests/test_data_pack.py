@@ -53,6 +53,9 @@ def test_collate_unpacked():
     assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
     b = collate([ex(3)], pad_id=99, max_length=6)
     assert b["input_ids"].shape == (1, 6)
+    # padding is masked by position: a pad id equal to a trained token (SmolLM2: pad == eos) keeps its label
+    b = collate([ex(3), ex(5)], pad_id=3)
+    assert b["labels"][0].tolist() == [-100, 2, 3, -100, -100] and b["labels"][1, 2].item() == 3
 
 
 def test_collate_packed_positions_labels_padding():
@@ -63,7 +66,8 @@ def test_collate_packed_positions_labels_padding():
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
     # first token of every packed example is never a target (label -100), even with train_on: all
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100], [-100, 11, 12, 13, -100, -100, -100]]
-    flat = collate(examples, pad_id=0, packed_groups=[[0, 1], [2]], max_length=7, attn_implementation="flash_attention_2")
+    flat = collate(examples, pad_id=0, packed_groups=[[0, 1], [2]], max_length=7,
+                   attn_implementation="flash_attention_2")
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
 

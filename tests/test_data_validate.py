@@ -106,7 +106,8 @@ def test_json_csv_parquet_and_folder(tmp_path, smol_tokenizer):
     import pyarrow.parquet as pq
     d = tmp_path / "data"
     d.mkdir()
-    (d / "a.json").write_text(json.dumps([{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}]))
+    (d / "a.json").write_text(json.dumps([{"prompt": "1+1=", "completion": "2"},
+                                          {"prompt": "2+2=", "completion": "4"}]))
     (d / "b.csv").write_text('prompt,completion\n"multi\nline",x\n3+3=,6\n')
     pq.write_table(pa.table({"prompt": ["4+4="], "completion": ["8"]}), str(d / "c.parquet"))
     ex, rep = build_examples(str(d), smol_tokenizer, DataConfig())

@@ -163,7 +163,8 @@ def build_examples(source: str, tokenizer, cfg, split: str = "train") -> tuple[l
     report = DataReport(source=source, split=split, max_length=cfg.max_length, rows_read=len(items))
     fmt = cfg.format
     if fmt == "auto":
-        first = next((it for it in items if not isinstance(it, BadRow)), None)
+        rows = [it for it in items if not isinstance(it, BadRow)]
+        first = next((it for it in rows if isinstance(it.value, dict)), rows[0] if rows else None)
         if first is None:
             raise DataError(f"{source}: no readable row (every row is broken; the first: {items[0].where}: "
                             f"{items[0].message}).")
