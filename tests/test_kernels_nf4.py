@@ -33,15 +33,27 @@ def _quantize(shape, blocksize, nested, dtype, seed=0):
     return w, packed, qs
 
 
+def _bnb_default_dequant(packed, qs):
+    """bitsandbytes' own pure-torch 4-bit dequantization (its 'default' backend), uncompiled."""
+    from bitsandbytes.backends.default import ops
+    fn = getattr(ops._dequantize_4bit_compute, "__wrapped__", ops._dequantize_4bit_compute)
+    absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    return fn(packed.reshape(-1), absmax.float(), qs.code, qs.blocksize, qs.shape, qs.dtype)
+
+
 @pytest.mark.parametrize("blocksize", (64, 128))
 @pytest.mark.parametrize("nested", (False, True))
 def test_reference_bit_identical_to_bitsandbytes(blocksize, nested):
+    """bf16 / fp32 against bitsandbytes' public CPU path. Its fp16 CPU output depends on the CPU
+    (on the H200 host's CPU it was an ulp off its CUDA kernel for some values, 2026-11-28), so fp16
+    is checked against bitsandbytes' pure-torch implementation here and against CUDA on the GPU."""
     for shape in ALIGNED:
         for dtype in DTYPES:
             _, packed, qs = _quantize(shape, blocksize, nested, dtype)
             ref = dequantize_nf4_reference(packed, qs)
             assert ref.dtype == dtype and ref.shape == shape
-            assert torch.equal(ref, bnbf.dequantize_4bit(packed, qs)), (shape, dtype)
+            expect = _bnb_default_dequant(packed, qs) if dtype == torch.float16 else bnbf.dequantize_4bit(packed, qs)
+            assert torch.equal(ref, expect), (shape, dtype)
 
 
 def test_packing_order_high_nibble_first():
@@ -71,10 +83,10 @@ def test_reference_on_ragged_shapes_roundtrips(nested):
 
 
 def test_fast_path_cpu_matches_reference():
-    for shape in ALIGNED + RAGGED:
-        _, packed, qs = _quantize(shape, 64, True, torch.bfloat16)
+    for shape, dtype in [(s, d) for s in ALIGNED + RAGGED for d in DTYPES]:
+        _, packed, qs = _quantize(shape, 64, True, dtype)
         ref = dequantize_nf4_reference(packed, qs)
-        assert torch.equal(dequantize_nf4_fast(packed, qs), ref), shape
+        assert torch.equal(dequantize_nf4_fast(packed, qs), ref), (shape, dtype)
         out = torch.empty_like(ref)
         assert dequantize_nf4_fast(packed, NF4State.from_quant_state(qs), out=out) is out
         assert torch.equal(out, ref)

@@ -218,10 +218,12 @@ def _interpreting(fn) -> bool:
 # Decided once at import (a constant, not mutable state): the kernel object tells which mode it is in.
 _INTERPRET = triton is not None and _interpreting(_nf4_dequant_kernel)
 
-# Default launch shape: 4 KiB of packed bytes (8192 outputs) per program, 8 warps: each thread
-# handles 16 bytes (4 loads of 4 bytes) and stores 32 values. kernels_bench.py sweeps alternatives on the GPU.
+# Default launch shape: 4 KiB of packed bytes (8192 outputs) per program, 4 warps, 4-byte loads:
+# each thread handles 32 bytes and stores 64 values. Chosen from the H200 sweep in kernels_bench.py
+# (4096x14336, 2026-11-28): 42.0 us = 3.51 TB/s effective, vs 48.7 us with 8 warps; the best point,
+# 2 KiB / 4 warps / 16-byte loads, was within 0.6% (41.8 us).
 DEFAULT_BYTES_PER_PROGRAM = 4096
-DEFAULT_NUM_WARPS = 8
+DEFAULT_NUM_WARPS = 4
 DEFAULT_VEC = 4
 
 
@@ -273,13 +275,16 @@ def dequantize_nf4_fast(packed: torch.Tensor, quant_state, out: torch.Tensor | N
     """The fastest bit-identical dequantization for the device: Triton on CUDA, else bitsandbytes.
 
     On CPU bitsandbytes' C++ kernel is 5-12x faster than the torch reference (measured at 2048x2048,
-    see kernels_bench.py) and gives the same bits when each row holds whole blocks; it disagrees
-    with bitsandbytes' own quantizer when a block straddles two rows (e.g. 192 columns, blocksize
-    128), so those shapes, and callers holding only an `NF4State`, take the reference.
+    see kernels_bench.py) and gives the same bits for bf16 and fp32 outputs when each row holds
+    whole blocks. Its fp16 output depends on the CPU (an ulp off bitsandbytes' CUDA kernel and our
+    reference on one AVX-512 machine, equal on another), and it disagrees with bitsandbytes' own
+    quantizer when a block straddles two rows (e.g. 192 columns, blocksize 128): those cases, and
+    callers holding only an `NF4State`, take the reference.
     """
     if packed.is_cuda and triton is not None:
         return dequantize_nf4(packed, quant_state, out)
-    if not isinstance(quant_state, NF4State) and quant_state.shape[-1] % quant_state.blocksize == 0:
+    if (not isinstance(quant_state, NF4State) and quant_state.dtype in (torch.bfloat16, torch.float32)
+            and quant_state.shape[-1] % quant_state.blocksize == 0):
         try:
             import bitsandbytes.functional as bnbf
         except ImportError:
