@@ -1,7 +1,13 @@
 """The training loop: one optimizer step = `grad_accum` micro-batches, loss normalised by the
-trainable tokens of the whole accumulated batch, clipped, guarded against non-finite values.
+trainable tokens of the whole accumulated batch, clipped, guarded against non-finite values,
+checkpointed so that a resumed run continues exactly as if it had never stopped.
 
-A reader should be able to follow `train_step` in one sitting; setup lives in `prepare_run`.
+A reader should be able to follow `train_step` in one sitting; setup lives in `prepare_run`, the
+run (logging, checkpoints, resume, stop signals) in `run_training`, failure handling in `guards`.
+
+Two counters: `pos` is the position in the micro-batch plan (accumulated batches processed,
+skipped ones included; it is the data position), `state.step` the optimizer updates applied
+(= the scheduler's step). They differ only after a non-finite step, which is consumed but not applied.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from ..config import Config, dump_config, to_dict
 from ..errors import FourbitError
 from ..lora import apply_lora, describe_parameters, lora_parameters, save_adapter
 from ..model import load_for_training, resolve_device
+from . import guards
+from .checkpoint import TrainerState, capture_rng, check_compatible, load_checkpoint, restore_rng
+from .resume import checkpoint_to_resume, data_positions, open_metrics, restore, run_fingerprint, save_state
 from .loss import IGNORE, causal_lm_loss
 from .schedule import lr_factor, warmup_steps
 
@@ -72,6 +81,8 @@ class Run:
     collate: object
     report: object = None
     log: list = field(default_factory=list)
+    micro: int = 0              # rows per forward pass now (train.auto_micro_batch may lower it after an OOM)
+    paged_off_cuda: bool = False
 
 
 def _build_optimizer(cfg: Config, params: list, device: torch.device) -> torch.optim.Optimizer:
@@ -84,10 +95,18 @@ def _build_optimizer(cfg: Config, params: list, device: torch.device) -> torch.o
         print(f"note: {t.optimizer} pages optimizer state only on CUDA; on {device.type} it runs unpaged.",
               file=sys.stderr)
     cls = bnb.optim.PagedAdamW32bit if t.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    with guards.quiet_paged_optimizer(device.type != "cuda"):
         return cls(params, **kw)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute decoder layers in backward. transformers 5.2x renamed the method (the old name warns);
+    earlier 5.x only has the old one."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def prepare_run(cfg: Config) -> Run:
@@ -120,7 +139,7 @@ def prepare_run(cfg: Config) -> Run:
     model, _ = load_for_training(cfg, device)
     names = apply_lora(model, cfg.lora, seed=cfg.train.seed)
     if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     print(f"LoRA on {len(names)} modules; {describe_parameters(model)}", flush=True)
     params = lora_parameters(model)
@@ -129,52 +148,79 @@ def prepare_run(cfg: Config) -> Run:
     warm = warmup_steps(total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warm, cfg.train.schedule, cfg.train.min_lr_ratio))
-    return Run(cfg, model, tok, device, rows, examples, eval_examples, opt, sched, plan, params, collate, report)
+    return Run(cfg, model, tok, device, rows, examples, eval_examples, opt, sched, plan, params, collate, report,
+               micro=cfg.train.micro_batch_size,
+               paged_off_cuda=cfg.train.optimizer != "adamw_torch" and device.type != "cuda")
 
 
-def micro_batch(run: Run, row_ids: list[int]) -> dict:
-    """Collate rows into device tensors (packed rows hold several examples)."""
+def micro_batch(run: Run, row_ids: list[int], to_device: bool = True) -> dict:
+    """Collate rows into tensors, on the run's device unless `to_device` is False (packed rows hold several examples)."""
     pad = run.tokenizer.pad_token_id
     if run.cfg.data.packing:
         groups = [run.train_rows[i] for i in row_ids]
         batch = run.collate(run.examples, pad, packed_groups=groups, max_length=run.cfg.data.max_length)
     else:
         batch = run.collate([run.examples[i] for i in row_ids], pad)
-    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()} if to_device else batch
 
 
 def count_trainable(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def train_step(run: Run, step: int) -> dict:
-    """One optimizer step over the plan's micro-batches for `step`. Returns its metrics.
+def _count_tokens(b: dict) -> int:
+    mask = b.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else int(b["input_ids"].numel())
 
-    The loss of each micro-batch is its CE *sum* divided by the trainable tokens of the whole
-    accumulated batch, so the gradient equals that of one big batch whatever the split.
+
+def train_step(run: Run, pos: int) -> dict:
+    """One optimizer step over the plan's micro-batches for step `pos`. Returns its metrics.
+
+    Out of memory: with `train.auto_micro_batch` the step is retried with half the rows per forward
+    pass (the same rows per step, so the same effective batch), from the same RNG state; otherwise
+    it stops with a message saying what to lower.
     """
-    batches = [micro_batch(run, ids) for ids in run.plan.steps[step]]
+    while True:
+        rng = capture_rng() if run.cfg.train.auto_micro_batch else None
+        try:
+            return _accumulate_and_step(run, pos)
+        except torch.cuda.OutOfMemoryError:
+            pass                                      # leave the except block first: it pins the failed frames
+        run.optimizer.zero_grad(set_to_none=True)     # drop the partial accumulation
+        run.micro = guards.after_oom(run.cfg, run.device, run.micro, pos)
+        restore_rng(rng)
+
+
+def _accumulate_and_step(run: Run, pos: int) -> dict:
+    """The loss of each micro-batch is its CE *sum* divided by the trainable tokens of the whole
+    accumulated batch, so the gradient equals that of one big batch whatever the split."""
+    planned = run.plan.steps[pos]
+    chunks = [mb[i:i + run.micro] for mb in planned for i in range(0, len(mb), run.micro)]
+    batches = [micro_batch(run, ids, to_device=False) for ids in chunks]
     n_train = sum(count_trainable(b) for b in batches)            # trainable tokens in the accumulated batch
-    n_tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None and b["attention_mask"].dim() == 2
-                   else int(b["input_ids"].numel()) for b in batches)
+    n_tokens = sum(_count_tokens(b) for b in batches)
     if n_train == 0:
         return {"skipped": "no trainable tokens", "tokens": n_tokens, "trainable_tokens": 0}
     loss_sum = 0.0
-    for b in batches:
+    for j, b in enumerate(batches):
+        guards.seam_oom(len(chunks[j]))
+        b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
         ls, n = causal_lm_loss(run.model, b)
         if n:
+            ls = guards.seam_poison(ls, pos)
             (ls / n_train).backward()
             loss_sum += float(ls.detach())
+        guards.seam_signal(pos, j)
     max_norm = run.cfg.train.max_grad_norm
-    gnorm = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf"))
-    gnorm = float(gnorm)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf")))
     loss = loss_sum / n_train
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    if not guards.is_finite(loss, gnorm):
         run.optimizer.zero_grad(set_to_none=True)                 # the step is not applied
         return {"skipped": "non-finite loss or gradient", "loss": loss, "grad_norm": gnorm,
                 "tokens": n_tokens, "trainable_tokens": n_train}
     lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
+    with guards.quiet_paged_optimizer(run.paged_off_cuda):
+        run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr, "tokens": n_tokens, "trainable_tokens": n_train}
@@ -209,57 +255,128 @@ def save_final(run: Run, out_dir: str) -> None:
     run.tokenizer.save_pretrained(out_dir)
 
 
+def _r(x: Optional[float]) -> Optional[float]:
+    """Rounded for metrics.jsonl (8 decimals keep resume comparisons meaningful); None when not finite."""
+    return round(x, 8) if x is not None and math.isfinite(x) else None
+
+
+# ---------------------------------------------------------------- the run
+
 def run_training(cfg: Config, resume: bool = False, force: bool = False) -> str:
-    """`fourbit train`: the whole run. Returns the adapter folder."""
-    from tqdm.auto import tqdm
+    """`fourbit train`: the whole run. Returns the adapter folder.
+
+    Args:
+        resume: continue from the newest complete checkpoint and fail if there is none (`--resume`);
+            otherwise `train.resume` decides (never / auto / always).
+        force: resume even though the model, data or a key setting changed since the checkpoint.
+    Raises:
+        guards.Preempted (a SystemExit with code 143 / 130) after SIGTERM / SIGINT and its checkpoint.
+    """
     os.makedirs(cfg.output, exist_ok=True)
+    ck_path = checkpoint_to_resume(cfg, "always" if resume else cfg.train.resume)
+    ck = load_checkpoint(ck_path) if ck_path else None           # fail on a broken one before the slow load
     dump_config(cfg, os.path.join(cfg.output, "config.yaml"))
     run = prepare_run(cfg)
+    fp = run_fingerprint(run)
+    state, pos0 = TrainerState(), 0
+    if ck is not None:
+        changed = check_compatible(ck.fingerprint, fp, force)
+        pos0, state = restore(run, ck, bool(changed)), ck.state
+        print(f"resuming from `{ck_path}`: step {state.step}, epoch {state.epoch}, micro-batch "
+              f"{state.batch_in_epoch} of the epoch", flush=True)
     total = len(run.plan.steps)
     print(f"{total} optimizer steps ({run.plan.steps_per_epoch} per epoch), effective batch "
           f"{cfg.train.micro_batch_size * cfg.train.grad_accum} rows", flush=True)
-    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
-    metrics = open(metrics_path, "a", encoding="utf-8")
-    bar = tqdm(total=total, desc="train", dynamic_ncols=True, file=sys.stdout)
     t0 = time.perf_counter()
-    window = {"loss_tok": 0.0, "ntrain": 0, "tokens": 0, "t": t0}
-    tokens_seen = 0
-    for step in range(total):
-        m = train_step(run, step)
-        if "skipped" in m:
-            bar.write(f"warning: step {step + 1} skipped ({m['skipped']})")
+    metrics = open_metrics(os.path.join(cfg.output, "metrics.jsonl"), pos0 if ck is not None else None)
+    try:
+        if pos0 < total:
+            _train(run, state, pos0, fp, metrics, ck)
         else:
-            window["loss_tok"] += m["loss"] * m["trainable_tokens"]
-            window["ntrain"] += m["trainable_tokens"]
-        window["tokens"] += m["tokens"]
-        tokens_seen += m["tokens"]
-        done = step + 1
-        eval_now = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
-        if done % cfg.train.log_every == 0 or done == total or eval_now:
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            rec = {"step": done, "epoch": round(done / run.plan.steps_per_epoch, 3),
-                   "loss": round(window["loss_tok"] / window["ntrain"], 5) if window["ntrain"] else None,
-                   "grad_norm": round(m.get("grad_norm", float("nan")), 5), "lr": m.get("lr"),
-                   "tokens": tokens_seen, "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1)}
-            if eval_now:
-                rec["eval_loss"] = round(evaluate(run, max_batches=cfg.train.eval_max_batches) or float("nan"), 5)
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            bar.set_postfix(loss=rec["loss"], gnorm=rec["grad_norm"], lr=f"{rec['lr'] or 0:.2e}",
-                            tok_s=rec["tokens_per_s"])
-            window = {"loss_tok": 0.0, "ntrain": 0, "tokens": 0, "t": now}
-        if cfg.train.save_every > 0 and done % cfg.train.save_every == 0 and done < total:
-            save_final(run, os.path.join(cfg.output, "checkpoints", f"step-{done}", "adapter"))
-        bar.update(1)
-    bar.close()
-    adapter_dir = os.path.join(cfg.output, "adapter")
-    save_final(run, adapter_dir)
-    if run.eval_examples and not (cfg.train.eval_every > 0 and total % cfg.train.eval_every == 0):
-        ev = evaluate(run, max_batches=cfg.train.eval_max_batches)
-        metrics.write(json.dumps({"step": total, "eval_loss": round(ev, 5)}) + "\n")
-        print(f"eval loss {ev:.4f}", flush=True)
-    metrics.close()
+            print(f"the run in `{cfg.output}` is already complete ({total} steps)", flush=True)
+        adapter_dir = os.path.join(cfg.output, "adapter")
+        save_final(run, adapter_dir)
+        if pos0 < total and run.eval_examples and not (cfg.train.eval_every > 0 and total % cfg.train.eval_every == 0):
+            ev = evaluate(run, max_batches=cfg.train.eval_max_batches)
+            metrics.write(json.dumps({"step": state.step, "batch": total, "eval_loss": _r(ev)}) + "\n")
+            print(f"eval loss {ev:.4f}", flush=True)
+    finally:
+        metrics.close()
     print(f"done in {time.perf_counter() - t0:.0f}s; adapter saved to {adapter_dir}", flush=True)
     return adapter_dir
+
+
+def _train(run: Run, state: TrainerState, pos0: int, fp: dict, metrics, ck) -> None:
+    """Plan steps pos0..end: step, log, checkpoint; stop on signals and on too many bad steps."""
+    from tqdm.auto import tqdm
+    cfg, t = run.cfg, run.cfg.train
+    total, positions = len(run.plan.steps), data_positions(run.plan)
+    ex = state.extra
+    window = dict(ex.get("window") or {"loss_tok": 0.0, "ntrain": 0, "tokens": 0})
+    tokens, in_a_row = int(ex.get("tokens", 0)), int(ex.get("bad_in_a_row", 0))
+    last_ckpt = ck.path if ck is not None else None
+
+    def sync_state(done: int) -> None:
+        state.epoch, state.batch_in_epoch, state.micro_step = positions[done]
+        state.extra.update(plan_step=done, micro_batch_size=run.micro, tokens=tokens, bad_in_a_row=in_a_row,
+                           window=dict(window))
+
+    def log(rec: dict) -> None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+    bar = tqdm(total=total, initial=pos0, desc="train", dynamic_ncols=True, file=sys.stdout)
+    t_window = time.perf_counter()
+    if ck is not None:
+        restore_rng(ck.rng)          # last: nothing done while rebuilding may consume the restored streams
+    with guards.StopSignals() as stop:
+        for pos in range(pos0, total):
+            m = train_step(run, pos)
+            done = pos + 1
+            tokens += m["tokens"]
+            window["tokens"] += m["tokens"]
+            if m.get("skipped") == "non-finite loss or gradient":
+                state.bad_steps += 1
+                in_a_row += 1
+                bar.write(guards.bad_step_warning(state.step, pos, run.plan.epoch_of_step[pos],
+                                                  [r for mb in run.plan.steps[pos] for r in mb], m["loss"],
+                                                  m["grad_norm"]))
+                log({"step": state.step, "batch": done, "skipped": m["skipped"], "loss": _r(m["loss"]),
+                     "grad_norm": _r(m["grad_norm"])})
+                if 0 < t.max_bad_steps <= in_a_row:
+                    bar.close()
+                    raise guards.too_many_bad_steps(in_a_row, pos - in_a_row + 1, pos, last_ckpt, cfg)
+            elif "skipped" in m:
+                bar.write(f"warning: batch {done} skipped ({m['skipped']})")
+            else:
+                in_a_row = 0
+                state.step += 1
+                state.tokens_seen += m["trainable_tokens"]
+                window["loss_tok"] += m["loss"] * m["trainable_tokens"]
+                window["ntrain"] += m["trainable_tokens"]
+            eval_now = t.eval_every > 0 and done % t.eval_every == 0
+            if done % t.log_every == 0 or done == total or eval_now:
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                rec = {"step": state.step, "batch": done, "epoch": round(done / run.plan.steps_per_epoch, 3),
+                       "loss": _r(window["loss_tok"] / window["ntrain"]) if window["ntrain"] else None,
+                       "grad_norm": _r(m.get("grad_norm")), "lr": m.get("lr"), "tokens": tokens,
+                       "tokens_per_s": round(window["tokens"] / max(now - t_window, 1e-9), 1)}
+                if eval_now:
+                    rec["eval_loss"] = _r(evaluate(run, max_batches=t.eval_max_batches))
+                log(rec)
+                bar.set_postfix(loss=rec["loss"], gnorm=rec["grad_norm"], lr=f"{rec['lr'] or 0:.2e}",
+                                tok_s=rec["tokens_per_s"])
+                window, t_window = {"loss_tok": 0.0, "ntrain": 0, "tokens": 0}, now
+            sync_state(done)
+            if stop.signum is not None and done < total:
+                bar.close()
+                path = save_state(run, state, fp)
+                print(f"stopped after step {state.step} (batch {done} of {total}); checkpoint `{path}`. Continue "
+                      f"with `fourbit train CONFIG --resume`.", file=sys.stderr, flush=True)
+                raise guards.Preempted(stop.signum, path)
+            if t.save_every > 0 and (done % t.save_every == 0 or done == total):
+                last_ckpt = save_state(run, state, fp)
+            bar.update(1)
+    bar.close()
