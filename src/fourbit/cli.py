@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         g.add_argument("--top-p", type=float, default=1.0)
-        g.add_argument("--quant", choices=["4", "none"], default="none", help="load the base in 4-bit (as trained) or 16-bit")
+        g.add_argument("--quant", choices=["auto", "4", "none"], default="auto",
+                       help="base weights: as the adapter was trained (auto), 4-bit NF4, or 16-bit")
         g.add_argument("--device", default="auto")
         g.add_argument("--chat-template", help="`chatml` or a template file, for models without one")
         g.add_argument("--trust-remote-code", action="store_true")

@@ -30,11 +30,19 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device(setting)
 
 
-def _check_model_source(name: str) -> None:
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes warns at import that an optional CPU matmul kernel (from the `kernels` hub package) is
+    missing; fourbit never calls that kernel (it dequantizes and uses torch's matmul), so the warning
+    only misleads users."""
+    import logging
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _check_model_source(name: str, need: str = "config.json") -> None:
     if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise FourbitError(f"Model folder `{name}` has no config.json. Point `model` at a transformers model "
-                               "folder (config.json + *.safetensors) or a hub id.")
+        if not os.path.isfile(os.path.join(name, need)):
+            raise FourbitError(f"Model folder `{name}` has no {need}. Point `model` at a transformers model "
+                               "folder (config.json, tokenizer and *.safetensors) or a hub id.")
         return
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] \
         or name.count("/") > 1
@@ -46,7 +54,7 @@ def _check_model_source(name: str) -> None:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The model's tokenizer; pad falls back to eos (padding is masked by position, so this is safe)."""
     from transformers import AutoTokenizer
-    _check_model_source(name)
+    _check_model_source(name, "tokenizer_config.json")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -74,6 +82,7 @@ def load_base(name: str, quant: Optional[QuantConfig], device: torch.device, tru
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     _check_model_source(name)
+    quiet_bitsandbytes()
     quant = quant or QuantConfig(bits=None)
     dtype = DTYPES[quant.compute_dtype]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
