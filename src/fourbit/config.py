@@ -229,6 +229,11 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if t is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -316,6 +321,8 @@ def validate(cfg: Config) -> None:
     need(cfg.quant.bits in (None, 4), f"Config key `quant.bits` must be 4 or none, got {cfg.quant.bits}.")
     need(cfg.quant.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
          f"Config key `quant.blocksize` must be a power of two from 32 to 4096, got {cfg.quant.blocksize}.")
+    if isinstance(cfg.lora.targets, str) and cfg.lora.targets != "all-linear":
+        cfg.lora.targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
     need(cfg.lora.r > 0, f"Config key `lora.r` must be positive, got {cfg.lora.r}.")
     need(0 <= cfg.lora.dropout < 1, f"Config key `lora.dropout` must be in [0, 1), got {cfg.lora.dropout}.")
     need(cfg.data.max_length > 1, f"Config key `data.max_length` must be at least 2, got {cfg.data.max_length}.")
