@@ -58,6 +58,11 @@ def _plan(a: argparse.Namespace, extra: list[str]) -> int:
     return plan_cmd(cfg, a)
 
 
+def _bench(a: argparse.Namespace, extra: list[str]) -> int:
+    from .bench import bench_cmd
+    return bench_cmd(a, extra)
+
+
 def _no_extra(extra: list[str]) -> None:
     if extra:
         raise FourbitError(f"Unexpected arguments: {' '.join(extra)}. Run the command with --help to see its options.")
@@ -126,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config")
     pl.add_argument("--memory", help="memory budget such as 24GiB (default: the detected device)")
     pl.set_defaults(fn=_plan)
+
+    b = sub.add_parser("bench", help="training throughput of a named model shape (random weights, no download)",
+                       add_help=False)
+    b.set_defaults(fn=_bench)
     return p
 
 
