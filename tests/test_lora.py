@@ -172,3 +172,18 @@ def test_fast_dropout_rate_and_determinism():
     assert torch.equal(d(x), y)                                   # same seed, same mask (checkpoint recompute)
     d.eval()
     assert d(x) is x
+
+
+def test_materialize_4bit_keeps_outputs(tiny_model_dir, smol_tokenizer):
+    from fourbit.lora import is_4bit, materialize_4bit
+    model = load_base(tiny_model_dir, QuantConfig(bits=4), CPU)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"))
+    _randomize_b(model)
+    model.eval()
+    ids = _ids(smol_tokenizer)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits             # every base matmul through our dequantize + matmul
+        assert materialize_4bit(model) == 14
+        out = model(input_ids=ids).logits
+    assert not any(is_4bit(m) for m in model.modules())
+    assert torch.equal(out, ref)

@@ -138,13 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    debug = args.debug or os.environ.get("FOURBIT_DEBUG") == "1"
+def run_guarded(fn, *args, debug: bool = False) -> int:
+    """Call fn(*args); a FourbitError becomes one paragraph on stderr and exit status 2."""
+    debug = debug or os.environ.get("FOURBIT_DEBUG") == "1"
     try:
-        return args.fn(args, extra)
+        return fn(*args)
     except FourbitError as e:
         if debug:
             traceback.print_exc()
@@ -153,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fourbit: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    return run_guarded(args.fn, args, extra, debug=args.debug)
 
 
 if __name__ == "__main__":

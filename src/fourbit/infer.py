@@ -59,6 +59,11 @@ def load_for_inference(model: str, adapter: Optional[str] = None, quant: str = "
     m = load_base(base, qcfg, dev, trust_remote_code)
     if adapter:
         load_adapter(m, adapter)
+    if dev.type == "cpu" and qcfg.bits == 4:
+        # per-token dequantization dominates CPU generation; the dequantized weights are the exact
+        # values the 4-bit forward uses, so answers are unchanged
+        from .lora import materialize_4bit
+        materialize_4bit(m)
     m.eval()
     m.config.use_cache = True
     return m, tok
