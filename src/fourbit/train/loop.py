@@ -355,7 +355,8 @@ def _train(run: Run, state: TrainerState, pos0: int, fp: dict, metrics, ck) -> N
                 window["loss_tok"] += m["loss"] * m["trainable_tokens"]
                 window["ntrain"] += m["trainable_tokens"]
             eval_now = t.eval_every > 0 and done % t.eval_every == 0
-            if done % t.log_every == 0 or done == total or eval_now:
+            bad = m.get("skipped") == "non-finite loss or gradient"      # logged above; its window goes on
+            if (done % t.log_every == 0 and not bad) or done == total or eval_now:
                 if run.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
