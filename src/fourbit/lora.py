@@ -138,7 +138,23 @@ class LoRALinear(nn.Module):
             y = y + base.bias.to(y.dtype)
         return y
 
+    def _nf4_state(self):
+        """The base weight's NF4State for the Triton kernel, built once (rebuilt if the weight moves)."""
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w.device)
+        if getattr(self, "_nf4_key", None) != key:
+            from .kernels.nf4 import NF4State
+            self._nf4, self._nf4_key = NF4State.from_quant_state(w.quant_state), key
+        return self._nf4
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if x.is_cuda and is_4bit(base) and getattr(base, "bias", None) is None:
+            # GPU fast path: one autograd node (fourbit.kernels.lora_fn), same math as below.
+            from .kernels.lora_fn import lora_nf4_linear
+            xd = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
+            return lora_nf4_linear(x, xd, self.lora_A.weight, self.lora_B.weight, base.weight.data,
+                                   self._nf4_state(), self.scaling)
         y = self.base_forward(x)                                              # (..., out)
         a = self.lora_A.weight.to(x.dtype)                                   # (r, in)
         b = (self.lora_B.weight * self.scaling).to(x.dtype)                  # (out, r), scaling folded in

@@ -139,7 +139,9 @@ def prepare_run(cfg: Config) -> Run:
     model, _ = load_for_training(cfg, device)
     names = apply_lora(model, cfg.lora, seed=cfg.train.seed)
     if cfg.train.grad_checkpointing:
-        enable_activation_checkpointing(model)
+        from .activations import apply_checkpointing
+        apply_checkpointing(model, cfg.train.checkpointing_policy,
+                            tokens=cfg.train.micro_batch_size * cfg.data.max_length)
     model.train()
     print(f"LoRA on {len(names)} modules; {describe_parameters(model)}", flush=True)
     params = lora_parameters(model)

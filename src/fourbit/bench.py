@@ -1,0 +1,322 @@
+"""`fourbit bench`: training throughput of a named model shape, fourbit beside the classic stack.
+
+A random model of a named shape (fourbit.shapes, no download) is trained for `warm` + `steps`
+optimizer steps on random token ids (all tokens trainable) through fourbit's own training code:
+LoRALinear (`apply_lora`), `causal_lm_loss`, the checkpointing policy (`train.activations`),
+bitsandbytes' paged AdamW 32-bit with clipping as in `train.loop`. The classic stack (transformers
++ bitsandbytes Linear4bit + peft + HF gradient checkpointing, the model's own loss under bf16
+autocast, as trl's SFTTrainer runs it) is run on the SAME weights, ids and order, so losses compare
+step by step. Rows are those of the shared seed_stack.py: Generator().manual_seed(1), randint(3, V).
+
+The schedule mirrors seed_stack's SFTConfig (lr 2e-4, warmup ceil(0.03 * total) steps starting at
+lr 0, cosine, weight decay 0.001, max_grad_norm 0.3) for both stacks.
+
+`run_steps(...)` returns a dict (tokens_per_s, peak_alloc, peak_reserved, loss, mfu, ...); memory
+planning reuses it with `build_random_model` for calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .shapes import SHAPES, build_random_model, flops_per_token
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 2 ** 30
+
+
+def make_ids(vocab: int, seq: int, rows: int, seed: int = 1) -> torch.Tensor:
+    """(rows, seq) int64 token ids in [3, vocab): the rows seed_stack.py trains on."""
+    return torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_cosine(step: int, total: int, warm: int) -> float:
+    """transformers' cosine-with-warmup multiplier (step 0 of a warmup runs at lr 0)."""
+    if step < warm:
+        return step / max(1, warm)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _memory(dev: torch.device) -> dict:
+    if dev.type != "cuda":
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(dev) / GIB, 2)}
+
+
+def _reset_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _optimizer(params, dev: torch.device, lr: float, wd: float):
+    """bitsandbytes' paged AdamW 32-bit as `train.loop._build_optimizer` builds it (AdamW off CUDA)."""
+    kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    if dev.type != "cuda":
+        return torch.optim.AdamW(params, **kw)
+    import bitsandbytes as bnb
+    return bnb.optim.PagedAdamW32bit(params, **kw)
+
+
+def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> dict:
+    losses, t0 = [], None
+    for s in range(warm + steps):
+        if s == warm:
+            _sync(dev)
+            t0 = time.perf_counter()
+        losses.append(step_fn(s))
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": round(steps * tokens_per_step / dt, 1), "s_per_step": round(dt / steps, 4),
+            "losses": [round(x, 5) for x in losses], "loss": round(losses[-1], 5)}
+
+
+def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int, policy: str = "off",
+              r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
+              max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
+              lora_seed: int = 0, profile_path: Optional[str] = None) -> dict:
+    """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
+
+    Args:
+        model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
+        policy: checkpointing policy off | full | offload | auto.
+    Returns:
+        dict: tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, loss (last step), losses,
+        mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
+    """
+    from .config import LoraConfig
+    from .lora import apply_lora, lora_parameters
+    from .train.activations import apply_checkpointing, remove_checkpointing
+    from .train.loss import causal_lm_loss
+    dev = next(model.parameters()).device
+    seq = ids.shape[1]
+    _reset_memory(dev)
+    names = apply_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=TARGETS), seed=lora_seed)
+    budget = int(budget_gib * GIB) if budget_gib else None
+    chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
+    model.train()
+    params = lora_parameters(model)
+    opt = _optimizer(params, dev, lr, wd)
+    total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
+
+    def step(s: int) -> float:
+        n_train = bsz * ga * (seq - 1)
+        loss_sum = 0.0
+        for j in range(ga):
+            rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
+            ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows})
+            (ls / n_train).backward()
+            loss_sum += float(ls.detach())
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum / n_train
+
+    try:
+        res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
+        if profile_path:
+            _profile(step, dev, profile_path)
+    finally:
+        remove_checkpointing(model)
+        _unwrap_lora(model, names)
+        del opt, params
+    res.update(_memory(dev))
+    cfg = model.config
+    res["mfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, False) / (peak_tflops * 1e12), 4)
+    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen != "off") / (peak_tflops * 1e12), 4)
+    res.update(system="fourbit", policy=chosen)
+    return res
+
+
+def _profile(step_fn, dev, path: str) -> None:
+    """One more step under torch.profiler; the kernel table (by device time) goes to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step_fn(0)
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+    print(f"profile written to {path}", flush=True)
+
+
+def _unwrap_lora(model, names: list[str]) -> None:
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, child, getattr(holder, child).base_layer)
+
+
+def run_classic(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int, ckpt: bool = True,
+                r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
+                max_grad_norm: float = 0.3, peak_tflops: float = 790.0) -> dict:
+    """The classic stack's step (prepare_model_for_kbit_training + peft LoRA + the model's own loss under
+    bf16 autocast, HF gradient checkpointing) on the same model and rows. Leaves the model changed
+    (peft casts embeddings, norms and head to fp32): run it last."""
+    from peft import LoraConfig as PeftLora, get_peft_model, prepare_model_for_kbit_training
+    dev = next(model.parameters()).device
+    seq = ids.shape[1]
+    _reset_memory(dev)
+    model.is_loaded_in_4bit = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm = get_peft_model(model, PeftLora(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=dropout,
+                                        bias="none", task_type="CAUSAL_LM"))
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = _optimizer(params, dev, lr, wd)
+    total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def step(s: int) -> float:
+        tot = 0.0
+        for j in range(ga):
+            rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
+            with torch.autocast(**amp):
+                loss = pm(input_ids=rows, labels=rows).loss
+            (loss / ga).backward()
+            tot += float(loss.detach()) / ga
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return tot
+
+    res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
+    res.update(_memory(dev))
+    cfg = model.config
+    res["mfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, False) / (peak_tflops * 1e12), 4)
+    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, ckpt) / (peak_tflops * 1e12), 4)
+    res.update(system="classic", policy="full" if ckpt else "off")
+    return res
+
+
+def run_seed_stack(path: str, a) -> Optional[dict]:
+    """The shared seed_stack.py (trl SFTTrainer) in a subprocess; its RESULT line, or None."""
+    import subprocess
+    cmd = [sys.executable, path, "--shape", a.shape, "--seq", str(a.seq), "--bsz", str(a.bsz), "--ga", str(a.ga),
+           "--steps", str(a.steps), "--warm", str(a.warm), "--ckpt", "1", "--dropout", str(a.dropout),
+           "--workdir", "/tmp/seed_stack_model"] + (["--cpu"] if a.device == "cpu" else [])
+    print("$ " + " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(p.stdout[-4000:])
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            return dict(system="seed_stack(trl)", policy="full", tokens_per_s=res["tokens_per_s"],
+                        peak_alloc_gib=res.get("peak_alloc_gib"), peak_reserved_gib=res.get("peak_reserved_gib"),
+                        losses=res.get("losses"), loss=(res.get("losses") or [None])[-1])
+    sys.stdout.write(p.stderr[-3000:])
+    return None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fourbit bench", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--bsz", type=int, default=4)
+    p.add_argument("--ga", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warm", type=int, default=2)
+    p.add_argument("--runs", default="off,offload,classic",
+                   help="comma list: fourbit policies off|full|offload|auto, and classic|classic-nockpt (last)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate MFU is measured against")
+    p.add_argument("--seed-stack", default=None, help="path to shared/bench/seed_stack.py: also run it (trl)")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--profile", default=None, help="folder: profile one extra step of each fourbit run there")
+    return p
+
+
+def table(results: list[dict], classic: Optional[dict]) -> str:
+    unsloth = {"off": 14424.0, "full": 10312.0, "offload": 10312.0}
+    rows = ["| system | ckpt | tokens/s | s/step | peak alloc GiB | peak reserved GiB | MFU | HFU | loss (last) "
+            "| x classic | x Unsloth (ANCHORS) |", "|" + " --- |" * 11]
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / classic['tokens_per_s']:.2f}" if classic else "-"
+        un = unsloth.get(r.get("policy")) if r["system"] == "fourbit" else None
+        rows.append(f"| {r['system']} | {r.get('policy')} | {r['tokens_per_s']:,.0f} | {r.get('s_per_step', '-')} | "
+                    f"{r.get('peak_alloc_gib')} | {r.get('peak_reserved_gib')} | {r.get('mfu', '-')} | "
+                    f"{r.get('hfu', '-')} | {r.get('loss')} | {ratio} | "
+                    f"{'%.2f' % (r['tokens_per_s'] / un) if un else '-'} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    from .model import resolve_device
+    dev = resolve_device(a.device)
+    if dev.type == "cpu" and a.quant == "nf4":
+        print("note: on CPU the peak-memory columns are empty and MFU is against the GPU rate", flush=True)
+    t0 = time.time()
+    model = build_random_model(a.shape, dev, quant=a.quant)
+    _sync(dev)
+    print(f"built {a.shape} ({a.quant}) on {dev} in {time.time() - t0:.1f}s; allocated "
+          f"{torch.cuda.memory_allocated(dev) / GIB if dev.type == 'cuda' else 0:.2f} GiB", flush=True)
+    ids = make_ids(model.config.vocab_size, a.seq, a.bsz * a.ga * (a.steps + a.warm))
+    results, classic = [], None
+    runs = [x.strip() for x in a.runs.split(",") if x.strip()]
+    runs = [x for x in runs if not x.startswith("classic")] + [x for x in runs if x.startswith("classic")]
+    common = dict(bsz=a.bsz, ga=a.ga, steps=a.steps, warm=a.warm, dropout=a.dropout, peak_tflops=a.peak_tflops)
+    for run in runs:
+        t1 = time.time()
+        if run.startswith("classic"):
+            if any(r["system"] == "classic" for r in results):
+                print(f"skip {run}: the classic stack changes the model; one classic run per call", flush=True)
+                continue
+            res = run_classic(model, ids, ckpt=run == "classic", **common)
+            classic = res
+        else:
+            prof = f"{a.profile}/profile_{a.shape}_{run}.txt" if a.profile else None
+            res = run_steps(model, ids, policy=run, budget_gib=a.budget_gib, profile_path=prof, **common)
+        res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
+        print("RESULT " + json.dumps(res), flush=True)
+        results.append(res)
+    if a.seed_stack:
+        del model
+        _reset_memory(dev)
+        res = run_seed_stack(a.seed_stack, a)
+        if res:
+            print("RESULT " + json.dumps(res), flush=True)
+            results.append(res)
+    ref = classic or next((r for r in results if r["system"].startswith("seed_stack")), None)
+    if ref:
+        for r in results:
+            if r is not ref and r.get("losses") and ref.get("losses"):
+                n = min(len(r["losses"]), len(ref["losses"]))
+                r["max_loss_diff_vs_ref"] = round(max(abs(x - y) for x, y in zip(r["losses"][:n], ref["losses"][:n])), 5)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(table(results, ref))
+    for r in results:
+        print(f"losses {r['system']}:{r.get('policy')}: {r.get('losses')} max|diff| vs ref {r.get('max_loss_diff_vs_ref')}")
+    return 0
+
+
+def bench_cmd(args: argparse.Namespace, extra: list[str]) -> int:
+    """Entry of `fourbit bench [options]` (options parsed here; see `fourbit bench --help`)."""
+    return main(extra)

@@ -1,0 +1,48 @@
+"""`fourbit bench` / benchmarks/train_throughput.py at a tiny shape on CPU; shapes and FLOP counts."""
+import json
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from fourbit.bench import main, make_ids  # noqa: E402
+from fourbit.shapes import build_random_model, flops_per_token, shape_config  # noqa: E402
+
+
+def test_flops_per_token_match_anchors():
+    cfg = shape_config("llama3-8b")
+    assert flops_per_token(cfg, 2048, 16, False) / 1e9 == pytest.approx(32.1, abs=0.05)
+    assert flops_per_token(cfg, 2048, 16, True) / 1e9 == pytest.approx(46.7, abs=0.05)
+
+
+def test_nf4_bits_equal_bitsandbytes_on_the_same_bf16_weights():
+    import bitsandbytes.functional as bnbf
+    q = build_random_model("tiny", "cpu", quant="nf4", seed=3)
+    b = build_random_model("tiny", "cpu", quant="none", seed=3)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        w = b.get_submodule(name).weight
+        packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        got = q.get_submodule(name).weight
+        assert torch.equal(got.data, packed)
+        assert torch.equal(got.quant_state.absmax, qs.absmax)
+    assert torch.equal(q.model.embed_tokens.weight, b.model.embed_tokens.weight)
+
+
+def test_seed_stack_rows():
+    ids = make_ids(1024, 16, 4)
+    assert torch.equal(ids, torch.randint(3, 1024, (4, 16), generator=torch.Generator().manual_seed(1)))
+
+
+def test_bench_runs_on_cpu_and_losses_agree(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--shape", "tiny", "--device", "cpu", "--seq", "32", "--bsz", "2", "--steps", "2", "--warm", "1",
+                 "--runs", "off,offload,classic", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["run"] for r in res] == ["off", "offload", "classic"]
+    for r in res:
+        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3
+        assert set(r) >= {"tokens_per_s", "peak_alloc_gib", "peak_reserved_gib", "loss", "mfu"}
+    # Same weights, rows and order: fourbit's losses equal the classic stack's within bf16 noise.
+    assert res[0]["max_loss_diff_vs_ref"] < 2e-3
+    assert res[0]["losses"] == res[1]["losses"]
+    assert "| fourbit | off |" in capsys.readouterr().out

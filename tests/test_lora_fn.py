@@ -1,0 +1,95 @@
+"""The LoRA fast path (fourbit.kernels.lora_fn) against plain autograd, and LoRALinear's two paths.
+
+The function runs on CPU too (the dequantization then goes through bitsandbytes / the torch
+reference), so CI checks its forward and every gradient; the GPU test checks the Triton path and
+that LoRALinear's CUDA fast path equals its CPU path.
+"""
+import pytest
+import torch
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+from fourbit.kernels.lora_fn import lora_linear_reference, lora_nf4_linear  # noqa: E402
+from fourbit.kernels.nf4 import NF4State, dequantize_nf4_reference  # noqa: E402
+
+
+def _case(n=24, din=128, dout=192, r=4, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(dout, din, generator=g) * 0.05).to(dtype)
+    packed, qs = bnbf.quantize_4bit(w.to(device), blocksize=64, compress_statistics=True, quant_type="nf4")
+    x = torch.randn(2, n // 2, din, generator=g).to(device, dtype)
+    A = (torch.randn(r, din, generator=g) * 0.1).to(device)
+    B = (torch.randn(dout, r, generator=g) * 0.1).to(device)
+    return x, packed, qs, A, B
+
+
+def _grads(fn, x, A, B, gy):
+    x = x.clone().requires_grad_(True)
+    A = A.clone().requires_grad_(True)
+    B = B.clone().requires_grad_(True)
+    y = fn(x, A, B)
+    y.backward(gy)
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_matches_autograd_reference(dtype):
+    x, packed, qs, A, B = _case(dtype=dtype)
+    w = dequantize_nf4_reference(packed, qs)
+    gy = torch.randn(x.shape[:-1] + (w.shape[0],), generator=torch.Generator().manual_seed(1)).to(dtype)
+    fast = _grads(lambda x, A, B: lora_nf4_linear(x, None, A, B, packed, qs, 2.0), x, A, B, gy)
+    ref = _grads(lambda x, A, B: lora_linear_reference(x, None, w, A, B, 2.0), x, A, B, gy)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for f, r in zip(fast, ref):
+        assert f.dtype == r.dtype and f.shape == r.shape
+        assert (f.float() - r.float()).norm() / r.float().norm() < tol
+
+
+def test_dropout_input_gets_its_own_gradient():
+    """With dropout, x feeds the base and xd = dropout(x) the adapter: gradients flow through both."""
+    x, packed, qs, A, B = _case()
+    w = dequantize_nf4_reference(packed, qs)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) > 0.3).float() / 0.7
+    gy = torch.randn(x.shape[:-1] + (w.shape[0],))
+    fast = _grads(lambda x, A, B: lora_nf4_linear(x, x * mask, A, B, packed, qs, 0.5), x, A, B, gy)
+    ref = _grads(lambda x, A, B: lora_linear_reference(x, x * mask, w, A, B, 0.5), x, A, B, gy)
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, rtol=1e-5, atol=1e-6)
+
+
+def test_no_input_grad_skips_dx():
+    """First-layer inputs need no gradient: only A and B get one (and the base dequant is skipped)."""
+    x, packed, qs, A, B = _case()
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    y = lora_nf4_linear(x, None, A, B, packed, NF4State.from_quant_state(qs), 1.0)
+    y.sum().backward()
+    assert A.grad is not None and B.grad is not None and not x.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_linear_cuda_fast_path_equals_cpu_path():
+    import bitsandbytes as bnb
+    from fourbit.lora import LoRALinear
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, dtype=torch.bfloat16) * 0.05
+    lin = bnb.nn.Linear4bit(512, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                            compress_statistics=True, device="meta")
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, **lin.weight.__dict__).to("cuda")
+    layer = LoRALinear(lin, r=8, alpha=16).cuda()
+    layer.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    x = torch.randn(3, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    fast = (y.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+    x.grad = None
+    layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    y2 = LoRALinear.base_forward(layer, x) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x, layer.lora_A.weight.to(x.dtype)),
+        (layer.lora_B.weight * layer.scaling).to(x.dtype))
+    y2.float().square().sum().backward()
+    slow = (y2.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
+    for f, s in zip(fast, slow):
+        assert (f.float() - s.float()).norm() / s.float().norm() < 1e-2
