@@ -158,9 +158,10 @@ def test_oom_decision(env, capsys):
                                     grad_accum=2, grad_checkpointing=False))
     cpu = torch.device("cpu")
     with pytest.raises(FourbitError) as e:
-        guards.after_oom(cfg, cpu, 4, pos=6)
+        guards.after_oom(cfg, cpu, 4, pos=6, error="CUDA out of memory. Tried to allocate 96.00 MiB. GPU 0 has ...")
     msg = str(e.value)
-    for part in ("Out of memory in optimizer step 7", "micro-batches of 4 rows of up to 64 tokens",
+    for part in ("Out of memory in optimizer step 7", "micro-batches of 4 rows of up to 64 tokens; it tried to "
+                 "allocate 96.00 MiB more.",
                  "--train.micro_batch_size=2 --train.grad_accum=4", "train.auto_micro_batch: true",
                  "data.max_length (now 64", "train.grad_checkpointing: true", "fourbit plan"):
         assert part in msg, (part, msg)

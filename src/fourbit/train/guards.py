@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -111,7 +112,7 @@ def peak_memory(device: torch.device) -> str:
     return f" (peak {peak:.2f} GiB allocated of {props.total_memory / 2 ** 30:.1f} GiB on {props.name})"
 
 
-def oom_message(cfg, device: torch.device, micro: int, pos: int) -> str:
+def oom_message(cfg, device: torch.device, micro: int, pos: int, detail: str = "") -> str:
     t, d = cfg.train, cfg.data
     accum = t.grad_accum * math.ceil(t.micro_batch_size / micro)
     tips = []
@@ -124,21 +125,27 @@ def oom_message(cfg, device: torch.device, micro: int, pos: int) -> str:
     if d.packing:
         tips.append(f"data.packing: false (packed rows are all {d.max_length} tokens long)")
     return (f"Out of memory in optimizer step {pos + 1} with micro-batches of {micro} rows of up to {d.max_length} "
-            f"tokens{peak_memory(device)}. To lower the memory: " + "; ".join(tips) + ". "
+            f"tokens{peak_memory(device)}{detail}. To lower the memory: " + "; ".join(tips) + ". "
             "`fourbit plan CONFIG` predicts the peak before loading anything.")
 
 
-def after_oom(cfg, device: torch.device, micro: int, pos: int) -> int:
-    """The micro-batch size to retry step `pos` with, or a FourbitError explaining what to change."""
+def after_oom(cfg, device: torch.device, micro: int, pos: int, error: str = "") -> int:
+    """The micro-batch size to retry step `pos` with, or a FourbitError explaining what to change.
+
+    Args:
+        error: the text of the OutOfMemoryError; its "Tried to allocate N" is quoted.
+    """
+    m = re.search(r"Tried to allocate [\d.]+ \w+", error)
+    detail = f"; it {m.group(0)[0].lower()}{m.group(0)[1:]} more" if m else ""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not cfg.train.auto_micro_batch or micro <= 1:
         even = " even at micro-batch 1" if cfg.train.auto_micro_batch else ""
-        raise FourbitError(oom_message(cfg, device, micro, pos).replace("Out of memory", f"Out of memory{even}", 1))
+        raise FourbitError(oom_message(cfg, device, micro, pos, detail).replace("Out of memory", f"Out of memory{even}", 1))
     new = micro // 2
     old_acc = cfg.train.grad_accum * math.ceil(cfg.train.micro_batch_size / micro)
     new_acc = cfg.train.grad_accum * math.ceil(cfg.train.micro_batch_size / new)
-    print(f"note: out of memory in step {pos + 1}{peak_memory(device)}; train.auto_micro_batch: continuing with "
+    print(f"note: out of memory in step {pos + 1}{peak_memory(device)}{detail}; train.auto_micro_batch: continuing with "
           f"micro-batches of {new} rows and {new_acc} accumulation steps (was {micro} x {old_acc}), the same "
           f"effective batch of {cfg.train.micro_batch_size * cfg.train.grad_accum} rows.", file=sys.stderr, flush=True)
     if device.type == "cuda":

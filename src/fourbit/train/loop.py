@@ -186,10 +186,10 @@ def train_step(run: Run, pos: int) -> dict:
         rng = capture_rng() if run.cfg.train.auto_micro_batch else None
         try:
             return _accumulate_and_step(run, pos)
-        except torch.cuda.OutOfMemoryError:
-            pass                                      # leave the except block first: it pins the failed frames
+        except torch.cuda.OutOfMemoryError as e:
+            error = str(e)                            # leave the except block first: it pins the failed frames
         run.optimizer.zero_grad(set_to_none=True)     # drop the partial accumulation
-        run.micro = guards.after_oom(run.cfg, run.device, run.micro, pos)
+        run.micro = guards.after_oom(run.cfg, run.device, run.micro, pos, error)
         restore_rng(rng)
 
 
