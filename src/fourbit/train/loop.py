@@ -301,7 +301,8 @@ def run_training(cfg: Config, resume: bool = False, force: bool = False) -> str:
         if pos0 < total and run.eval_examples and not (cfg.train.eval_every > 0 and total % cfg.train.eval_every == 0):
             ev = evaluate(run, max_batches=cfg.train.eval_max_batches)
             metrics.write(json.dumps({"step": state.step, "batch": total, "eval_loss": _r(ev)}) + "\n")
-            print(f"eval loss {ev:.4f}", flush=True)
+            if ev is not None:
+                print(f"eval loss {ev:.4f}", flush=True)
     finally:
         metrics.close()
     print(f"done in {time.perf_counter() - t0:.0f}s; adapter saved to {adapter_dir}", flush=True)
