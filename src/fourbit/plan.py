@@ -1,0 +1,386 @@
+"""`fourbit plan`: peak training memory predicted from the model's config alone, and the `train` gate.
+
+The prediction is a sum of named terms (the breakdown the command prints):
+
+    persistent  NF4 weights + scales (exact bytes), 16-bit embeddings / LM head / norms,
+                LoRA weights, their gradients and optimizer states (fp32)
+    saved       activations autograd keeps for backward: every layer's (policy `off`), or each
+                layer's input plus one recomputed layer (`full`), or one layer's input on the GPU
+                with the rest in host memory (`offload`); per-token bytes in `layer_saved_bytes`
+    transient   the larger of the loss chunk (fp32 logits of 2048 tokens x vocab, twice while
+                logsumexp runs) and one layer's backward (MLP gradients + one dequantized weight)
+    runtime     CUDA: cuBLAS workspaces and allocator slack (inside the caching allocator) and the
+                CUDA context (outside it); CPU: the Python + torch + transformers process itself.
+
+Where the per-token activation bytes come from (Llama-style layer, d = bytes of the compute dtype),
+read off autograd's saved tensors (tests/test_plan.py counts them on a real model and compares):
+    each RMSNorm      4H      (its fp32 upcast of the input; layer 0's first norm saves nothing)
+    LoRA input        d*in + in per adapted linear with dropout (dropout output + bool mask);
+                      without dropout d*in once per distinct input (q/k/v share one, gate/up one)
+    attention (SDPA)  d*(2Q + 2K) + 4*heads  (q, k, v, output, fp32 logsumexp); with a mask
+                      (padding, packing) K becomes Q (k/v repeated) and the mask adds d*T per token
+    MLP               3*d*I   (gate output, SiLU output, up output)
+    LoRA rank         d*r per adapted linear
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import Config
+from .errors import FourbitError
+from .plan_model import ModelSpec, lora_targets, model_spec, nf4_bytes
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+LOSS_CHUNK = 2048              # rows per chunk of the LM-head loss (train/loss.py)
+PAGED_MIN_NUMEL = 100_000      # bitsandbytes pages optimizer state of tensors at least this large
+CUDA_RUNTIME = 64 * MiB        # cuBLAS / cuBLASLt workspaces, allocated through torch's allocator
+CUDA_CONTEXT = 600 * MiB       # CUDA context + libraries, outside torch's allocator
+ALLOCATOR_SLACK = 0.05         # caching allocator: reserved over allocated, share of the moving part
+CPU_PROCESS = 480 * MiB        # python + torch + transformers + bitsandbytes + fourbit, resident
+
+
+@dataclass
+class Item:
+    key: str
+    label: str
+    bytes: int
+    where: str = "device"      # device (torch allocator) | outside (device, not torch's) | host
+
+
+@dataclass
+class PlanReport:
+    """The predicted peak and its parts for one setting."""
+    spec: ModelSpec
+    device: str                                  # cuda | cpu
+    micro_batch: int
+    seq: int
+    policy: str                                  # off | full | offload
+    masked: bool
+    items: list[Item] = field(default_factory=list)
+    budget: Optional[int] = None
+    budget_label: str = ""
+    notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    def part(self, *keys: str) -> int:
+        return sum(i.bytes for i in self.items if i.key in keys)
+
+    @property
+    def allocator_peak(self) -> int:
+        """What torch's caching allocator reserves at the peak (CUDA `max_memory_reserved`), or RSS on CPU."""
+        return sum(i.bytes for i in self.items if i.where == "device")
+
+    @property
+    def total(self) -> int:
+        """Everything on the device at the peak (allocator + context + paged optimizer state)."""
+        return sum(i.bytes for i in self.items if i.where in ("device", "outside"))
+
+    @property
+    def host(self) -> int:
+        return sum(i.bytes for i in self.items if i.where == "host")
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.budget is None else self.total <= self.budget
+
+
+# ------------------------------------------------------------------ activations
+
+def layer_saved_bytes(spec: ModelSpec, d: int, targets: set[str], r: int, dropout: bool, masked: bool,
+                      seq: int, first: bool = False) -> float:
+    """Bytes autograd saves per token for one decoder layer (see the module docstring)."""
+    H, I = spec.hidden, spec.intermediate
+    Q, K = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    roles = {l.role: l for l in spec.linears[: len(spec.linears) // max(spec.layers, 1)]}
+    lora = [r_ for r_ in roles if r_ in targets]
+
+    def lora_in(names: tuple, width: int, needs_mask: bool = True) -> int:
+        n = sum(1 for x in names if x in lora)
+        if not n:
+            return 0
+        return n * (d + (1 if needs_mask else 0)) * width if dropout else d * width
+
+    if not spec.llama_like:     # generic: every linear's LoRA input, every output once, attention core
+        b = 8 * H + sum((d + (1 if dropout else 0)) * l.in_features for l in roles.values() if l.role in lora)
+        b += sum(d * l.out_features for l in roles.values()) + d * 2 * Q + 4 * spec.heads
+        return b + d * r * len(lora) + (d * seq if masked else 0)
+    b = 0 if first else 4 * H + 4
+    b += lora_in(("q_proj", "k_proj", "v_proj"), H, needs_mask=not first)   # layer 0: input needs no grad
+    kv = Q if masked else K
+    b += d * (2 * Q + 2 * kv) + 4 * spec.heads
+    if masked:
+        b += d * seq                                   # the float mask SDPA builds per layer
+    if "o_proj" in lora and dropout:
+        b += (d + 1) * Q                               # without dropout o_proj's input is SDPA's saved output
+    b += 4 * H + 4
+    b += lora_in(("gate_proj", "up_proj"), H)
+    b += 3 * d * I
+    if "down_proj" in lora:
+        b += (d + 1) * I if dropout else d * I
+    b += d * r * len(lora)
+    return b
+
+
+def _largest_linear(spec: ModelSpec) -> int:
+    return max((l.numel for l in spec.linears), default=0)
+
+
+# ------------------------------------------------------------------ the plan
+
+def resolve_policy(cfg: Config) -> str:
+    t = cfg.train
+    if not t.grad_checkpointing:
+        return "off"
+    return "full" if t.checkpointing_policy == "auto" else t.checkpointing_policy
+
+
+def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Optional[int] = None,
+             seq: Optional[int] = None, policy: Optional[str] = None, masked: Optional[bool] = None) -> PlanReport:
+    """Predicted peak memory of training `cfg` on `spec` (overrides for what-if searches)."""
+    mb = micro_batch or cfg.train.micro_batch_size
+    T = seq or cfg.data.max_length
+    policy = policy or resolve_policy(cfg)
+    if masked is None:   # packed rows and padded batches give SDPA a mask; flash-attention never does
+        masked = (cfg.data.packing or mb > 1) and cfg.attn_implementation != "flash_attention_2"
+    d = DTYPE_BYTES[cfg.quant.compute_dtype]
+    rep = PlanReport(spec, device, mb, T, policy, masked)
+    add = lambda *a: rep.items.append(Item(*a))
+
+    # persistent: the base model
+    if cfg.quant.bits == 4:
+        packed = scales = 0
+        for l in spec.linears:
+            p, s = nf4_bytes(l.numel, cfg.quant.blocksize, cfg.quant.double_quant)
+            packed, scales = packed + p, scales + s
+        add("nf4", f"NF4 weights, {len(spec.linears)} linears ({sum(l.numel for l in spec.linears) / 1e9:.2f}B "
+                   "params, 4 bits each)", packed)
+        add("scales", "quantization scales (" + ("double-quant uint8 + fp32 second level)" if cfg.quant.double_quant
+                                                 else "fp32 absmax)"), scales)
+    else:
+        add("base16", f"16-bit linear weights ({len(spec.linears)} linears)", d * sum(l.numel for l in spec.linears))
+    add("embed", "input embedding (16-bit)" + (", tied to the LM head" if spec.tied else ""), d * spec.embed_params)
+    if spec.head_params:
+        add("head", "LM head (16-bit)", d * spec.head_params)
+    add("norms", "norms, biases and buffers (16-bit)", d * spec.other_params + spec.buffers_bytes)
+
+    # persistent: LoRA, gradients, optimizer
+    chosen = lora_targets(spec, cfg.lora.targets)
+    r = cfg.lora.r
+    tensors = [r * l.in_features for l in chosen] + [r * l.out_features for l in chosen]   # A, B per linear
+    n_lora = sum(tensors)
+    add("lora", f"LoRA weights, fp32 ({n_lora / 1e6:.1f}M params on {len(chosen)} linears)", 4 * n_lora)
+    add("grads", "LoRA gradients, fp32", 4 * n_lora)
+    opt = cfg.train.optimizer
+    if opt == "paged_adamw_8bit":
+        states = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in tensors)
+        small = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in tensors if n < PAGED_MIN_NUMEL)
+    else:
+        states, small = 8 * n_lora, 8 * sum(n for n in tensors if n < PAGED_MIN_NUMEL)
+    if opt.startswith("paged") and device == "cuda":
+        add("optim", "optimizer states (AdamW m, v) of small tensors", small)
+        add("optim_paged", "optimizer states, paged (CUDA managed memory, evictable)", states - small, "outside")
+    else:
+        add("optim", f"optimizer states ({opt}: AdamW m and v)", states)
+
+    # activations
+    tok = mb * T
+    tset = {l.role for l in chosen}
+    dropout = cfg.lora.dropout > 0
+    per_layer = layer_saved_bytes(spec, d, tset, r, dropout, masked, T)
+    first = layer_saved_bytes(spec, d, tset, r, dropout, masked, T, first=True)
+    lora_casts = d * n_lora // max(spec.layers, 1)           # bf16 copies of A and B each layer keeps
+    one_layer = tok * per_layer + lora_casts
+    hd = spec.head_dim
+    top = tok * (4 * spec.hidden + d * spec.hidden) + 2 * d * hd * tok   # final norm fp32, grad of the hidden; cos/sin
+    if policy == "off":
+        saved = tok * (first + (spec.layers - 1) * per_layer) + lora_casts * spec.layers
+        add("act", f"activations: {spec.layers} layers x {per_layer / 1024:.1f} KiB/token x {tok} tokens "
+                   "(no checkpointing)", int(saved + top))
+        recompute = 0
+    else:
+        inputs = spec.layers * d * spec.hidden * tok
+        where = "host" if policy == "offload" else "device"
+        if policy == "offload":
+            add("act_host", f"layer inputs offloaded to host memory ({spec.layers} x {tok} tokens)", inputs, "host")
+            inputs = 2 * d * spec.hidden * tok                  # the one in flight each way
+        add("act", f"activations: layer inputs ({'2 in flight' if where == 'host' else spec.layers} x {tok} tokens,"
+                   f" checkpointing `{policy}`)", int(inputs + top))
+        recompute = one_layer
+    n_loss = mb * (T - 1)
+    chunk = min(LOSS_CHUNK, n_loss)
+    loss_tr = 8 * chunk * spec.vocab + 2 * d * spec.hidden * tok        # fp32 logits + logsumexp temp; hidden copies
+    bwd_tr = recompute + d * _largest_linear(spec) + tok * (3 * d * spec.intermediate + 2 * d * spec.hidden)
+    if loss_tr >= bwd_tr:
+        add("loss", f"loss: LM head + cross-entropy over {chunk} tokens x {spec.vocab} vocab (fp32)", int(loss_tr))
+    else:
+        what = "recomputed layer + " if recompute else ""
+        add("backward", f"backward peak: {what}MLP gradients + one dequantized weight", int(bwd_tr))
+
+    if device == "cuda":
+        moving = rep.part("act", "loss", "backward")
+        add("runtime", "cuBLAS workspaces + caching-allocator slack", int(CUDA_RUNTIME + ALLOCATOR_SLACK * moving))
+        add("context", "CUDA context and libraries (outside torch's allocator)", CUDA_CONTEXT, "outside")
+    else:
+        add("runtime", "the process itself (python, torch, transformers, bitsandbytes)", CPU_PROCESS)
+    if not spec.llama_like:
+        rep.notes.append(f"`{spec.model_type}` is not a Llama-style model: activations are an approximation.")
+    return rep
+
+
+# ------------------------------------------------------------------ budget, advice, report
+
+def parse_size(text: str) -> int:
+    """`24GiB`, `24GB`, `24g`, `1.5TiB`, `800MiB` -> bytes (GB/G/GiB all mean 2**30: GPU sizes are quoted that way)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not m:
+        raise FourbitError(f"--memory `{text}` is not a size; write e.g. 24GiB, 80GB or 512MiB.")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def detect_memory(device: str) -> tuple[Optional[int], str]:
+    """(bytes the run may use, description): the GPU's total memory, or the machine's available RAM."""
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            return None, "no CUDA GPU visible"
+        free, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+        return total, f"{name}: {total / GiB:.1f} GiB total, {free / GiB:.1f} GiB free now"
+    avail = None
+    try:
+        import psutil
+        vm = psutil.virtual_memory()
+        avail, total = vm.available, vm.total
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        avail, total = info.get("MemAvailable"), info.get("MemTotal")
+    return avail, f"CPU RAM: {avail / GiB:.1f} GiB available of {total / GiB:.1f} GiB"
+
+
+def _largest(fn, lo: int, hi: int) -> Optional[int]:
+    """Largest x in [lo, hi] with fn(x) true (fn monotone), None if fn(lo) is false."""
+    if not fn(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fn(mid) else (lo, mid - 1)
+    return lo
+
+
+def advise(cfg: Config, spec: ModelSpec, rep: PlanReport) -> list[str]:
+    """Settings that make a run fit: largest micro-batch / max_length per checkpointing policy, dropout."""
+    if rep.budget is None or rep.fits:
+        return []
+    B, mb0, T0 = rep.budget, rep.micro_batch, rep.seq
+
+    def fits(c=cfg, **kw):
+        args = {"micro_batch": mb0, "seq": T0, "policy": rep.policy, **kw}
+        return estimate(c, spec, rep.device, masked=rep.masked if args["micro_batch"] > 1 or cfg.data.packing
+                        else None, **args).total <= B
+    fixed = rep.total - rep.part("act", "loss", "backward", "runtime")
+    if fixed > B:
+        return [f"the model alone ({fixed / GiB:.1f} GiB without activations) is over the budget: use a "
+                "larger GPU, fewer LoRA targets (lora.targets) or a smaller model"]
+    out = []
+    policies = [rep.policy] + [p for p in ("full", "offload") if p != rep.policy and
+                               (p == "full" and rep.policy == "off" or p == "offload" and rep.device == "cuda")]
+    for pol in policies:
+        flag = "" if pol == rep.policy else (" --train.grad_checkpointing=true" if pol == "full" else
+                                             " --train.grad_checkpointing=true --train.checkpointing_policy=offload")
+        mb = _largest(lambda m: fits(micro_batch=m, policy=pol), 1, mb0)
+        if mb is not None:
+            accum = math.ceil(cfg.train.micro_batch_size * cfg.train.grad_accum / mb)
+            same = mb == mb0
+            out.append((flag.strip() + ("" if same else f" --train.micro_batch_size={mb} --train.grad_accum={accum}"
+                                        " (same effective batch)")).strip())
+            break
+        ml = _largest(lambda t: fits(micro_batch=1, seq=t, policy=pol), 64, T0)
+        if ml is not None:
+            out.append(f"{flag} --train.micro_batch_size=1 --data.max_length={ml // 64 * 64}".strip())
+    if cfg.lora.dropout > 0:
+        import dataclasses
+        c0 = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+        if fits(c0):
+            out.append("--lora.dropout=0 (no dropout copies of each adapted layer's input) fits as it is")
+    return out
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB" if abs(n) >= 0.1 * GiB else f"{n / MiB:8.1f} MiB"
+
+
+def format_report(rep: PlanReport) -> str:
+    s = rep.spec
+    lines = [f"model     {s.source} ({s.model_type}, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab})",
+             f"setting   {rep.device}, micro-batch {rep.micro_batch} x {rep.seq} tokens, checkpointing "
+             f"`{rep.policy}`, attention mask {'yes' if rep.masked else 'no'}", ""]
+    for i in rep.items:
+        tag = {"outside": "  (not in torch's allocator)", "host": "  (host RAM)"}.get(i.where, "")
+        lines.append(f"  {_fmt(i.bytes)}  {i.label}{tag}")
+    lines.append(f"  {'-' * 12}")
+    what = "peak RSS" if rep.device == "cpu" else "torch max reserved"
+    lines.append(f"  {_fmt(rep.allocator_peak)}  predicted {what}")
+    if rep.device == "cuda":
+        lines.append(f"  {_fmt(rep.total)}  predicted peak on the GPU (all of the above but host RAM)")
+    if rep.host:
+        lines.append(f"  {_fmt(rep.host)}  host RAM for offloaded activations")
+    lines.append("")
+    if rep.budget is None:
+        lines.append(f"budget    unknown ({rep.budget_label}); pass --memory 24GiB to check a size")
+    else:
+        verdict = "fits" if rep.fits else "does NOT fit"
+        lines.append(f"budget    {rep.budget / GiB:.1f} GiB ({rep.budget_label}): {verdict}, "
+                     f"{abs(rep.budget - rep.total) / GiB:.1f} GiB {'to spare' if rep.fits else 'over'}")
+    for a in rep.advice:
+        lines.append(f"  try     {a}")
+    for n in rep.notes:
+        lines.append(f"note      {n}")
+    return "\n".join(lines)
+
+
+def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None) -> PlanReport:
+    """The plan for a run config: model shapes from the config alone, budget given or detected."""
+    if device is None:
+        from .model import resolve_device
+        device = resolve_device(cfg.train.device).type
+    spec = model_spec(cfg.model, cfg.trust_remote_code)
+    rep = estimate(cfg, spec, device)
+    if memory:
+        rep.budget, rep.budget_label = parse_size(memory), "--memory"
+    else:
+        rep.budget, rep.budget_label = detect_memory(device)
+    rep.advice = advise(cfg, spec, rep)
+    return rep
+
+
+def plan_cmd(cfg: Config, args) -> int:
+    """`fourbit plan CONFIG [--memory 24GiB]`: print the breakdown; exit 0 if it fits (or unknown), 1 if not."""
+    rep = plan(cfg, getattr(args, "memory", None))
+    print(format_report(rep))
+    return 1 if rep.fits is False else 0
+
+
+def check_fits(cfg: Config, force: bool, device) -> PlanReport:
+    """The gate `fourbit train` runs before loading anything.
+
+    Raises FourbitError with the breakdown and the settings that would fit when the predicted peak is
+    over the device's memory (`force` turns that into a warning). The budget is the GPU's total memory
+    (CUDA) or the available RAM (CPU); FOURBIT_MEMORY=24GiB overrides it.
+    """
+    import sys
+    dev = getattr(device, "type", device)
+    rep = plan(cfg, os.environ.get("FOURBIT_MEMORY"), dev)
+    if rep.fits is False:
+        msg = (f"this run needs about {rep.total / GiB:.1f} GiB but {rep.budget_label} has {rep.budget / GiB:.1f} "
+               f"GiB.\n{format_report(rep)}\nChange a setting above, or pass --force to try anyway.")
+        if not force:
+            raise FourbitError(msg)
+        print(f"warning (--force): {msg}", file=sys.stderr, flush=True)
+    return rep

@@ -1,0 +1,156 @@
+"""Memory plan: exact NF4 bytes against bitsandbytes, the activation formula against autograd's saved
+tensors on a real model, the CLI verdict and the `train` gate."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fourbit.cli import main
+from fourbit.config import LoraConfig, load_config
+from fourbit.errors import FourbitError
+from fourbit.plan import check_fits, estimate, layer_saved_bytes, parse_size
+from fourbit.plan_model import model_spec, nf4_bytes
+from fourbit.shapes import shape_config
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (100, 130), (8192, 64)])
+@pytest.mark.parametrize("dq,bs", [(True, 64), (False, 64), (True, 128)])
+def test_nf4_bytes_match_bitsandbytes(shape, dq, bs):
+    import bitsandbytes.functional as F
+    w = torch.randn(shape, dtype=torch.bfloat16)
+    packed, qs = F.quantize_4bit(w, blocksize=bs, compress_statistics=dq, quant_type="nf4", quant_storage=torch.uint8)
+    scales = [qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if dq else [])
+    real_scales = sum(t.numel() * t.element_size() for t in scales)
+    assert nf4_bytes(w.numel(), bs, dq) == (packed.numel() * packed.element_size(), real_scales)
+
+
+def _small_model(**over):
+    from fourbit.plan_calibrate import random_nf4_model
+    return random_nf4_model(shape_config("tiny", **dict(SMALL, **over)), torch.device("cpu"))
+
+
+def _cfg(model="shape:tiny", *extra):
+    return load_config(None, [f"--model={model}", "--train.device=cpu", *extra])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_bytes_equal_the_real_quantized_model(tied):
+    model = _small_model(tie_word_embeddings=tied)
+    real, seen = 0, set()
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        real += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            ts = [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+            real += sum(t.numel() * t.element_size() for t in ts)
+    real += sum(b.numel() * b.element_size() for b in model.buffers())
+    spec = model_spec("x", mcfg=model.config)
+    rep = estimate(_cfg(), spec, "cpu")
+    assert rep.part("nf4", "scales", "embed", "head", "norms") == real
+
+
+def _saved_per_layer(model, batch):
+    """Bytes of distinct storages autograd saves inside each decoder layer (parameters excluded)."""
+    from fourbit.train.loss import causal_lm_loss
+    where, seen = ["top"], {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i))
+        layer.register_forward_hook(lambda m, a, o: where.__setitem__(0, "top"))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in seen:
+            seen[key] = (where[0], t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, batch)
+    out = {}
+    for w, nb in seen.values():
+        out[w] = out.get(w, 0) + nb
+    return out
+
+
+@pytest.mark.parametrize("dropout,masked", [(0.05, False), (0.0, False), (0.05, True), (0.0, True)])
+def test_activation_formula_matches_autograd(dropout, masked):
+    from fourbit.lora import apply_lora
+    torch.manual_seed(0)
+    model = _small_model()
+    apply_lora(model, LoraConfig(r=8, dropout=dropout))
+    B, T = 2, 32
+    ids = torch.randint(0, 128, (B, T))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if masked:
+        batch["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+        batch["attention_mask"][1, -5:] = 0
+    got = _saved_per_layer(model, batch)
+    spec = model_spec("x", mcfg=model.config)
+    n_lora = 8 * sum(l.in_features + l.out_features for l in spec.linears) // spec.layers
+    kw = dict(spec=spec, d=2, targets={l.role for l in spec.linears}, r=8, dropout=dropout > 0, masked=masked, seq=T)
+    want = B * T * layer_saved_bytes(**kw) + 2 * n_lora                   # + the bf16 casts of A and B
+    assert abs(got[1] - want) <= 0.01 * want, (got, want)
+    first = B * T * layer_saved_bytes(**kw, first=True) + 2 * n_lora
+    assert abs(got[0] - first) <= 0.05 * first, (got, first)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("80GB") == 80 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(FourbitError):
+        parse_size("lots")
+
+
+def _folder(tmp_path):
+    from transformers import LlamaConfig
+    LlamaConfig(**SMALL).save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+def test_plan_cli_fits_and_refuses(tmp_path, capsys):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("model: shape:llama3-8b\ndata: {max_length: 8192}\n"
+                       "train: {micro_batch_size: 4, grad_checkpointing: false, device: cpu}\n")
+    assert main(["plan", str(cfgfile), "--memory", "24GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "NF4 weights" in out and "does NOT fit" in out and "--train.micro_batch_size=" in out
+    assert "--train.grad_checkpointing=true" in out
+    assert main(["plan", str(cfgfile), "--memory", "1TiB", "--train.micro_batch_size=1"]) == 0
+    assert "fits" in capsys.readouterr().out
+
+
+def _empty(tmp_path):
+    (tmp_path / "e.yaml").write_text("{}\n")
+    return str(tmp_path / "e.yaml")
+
+
+def test_plan_reads_a_local_folder_config(tmp_path, capsys):
+    assert main(["plan", _empty(tmp_path), f"--model={_folder(tmp_path)}", "--memory", "4GiB"]) == 0
+    assert "hidden 64" in capsys.readouterr().out
+
+
+def test_plan_unknown_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", _empty(tmp_path), "--model=nobody-here/no-such-model-xyz"]) == 2
+    assert "Could not read the config" in capsys.readouterr().err
+
+
+def test_check_fits_gate(tmp_path, monkeypatch):
+    cfg = _cfg(_folder(tmp_path), "--data.max_length=4096", "--train.micro_batch_size=8")
+    monkeypatch.setenv("FOURBIT_MEMORY", "200MiB")
+    with pytest.raises(FourbitError) as e:
+        check_fits(cfg, force=False, device=torch.device("cpu"))
+    assert "--force" in str(e.value) and "predicted peak RSS" in str(e.value)
+    rep = check_fits(cfg, force=True, device="cpu")
+    assert rep.fits is False
+    monkeypatch.setenv("FOURBIT_MEMORY", "64GiB")
+    assert check_fits(cfg, force=False, device="cpu").fits
