@@ -100,7 +100,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     """
     from .config import LoraConfig
     from .lora import apply_lora, lora_parameters
-    from .train.activations import apply_checkpointing, remove_checkpointing
+    from .train.activations import apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
     seq = ids.shape[1]
@@ -134,6 +134,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             _profile(step, dev, profile_path)
     finally:
         remove_checkpointing(model)
+        unfuse_layers(model)
         _unwrap_lora(model, names)
         del opt, params
     res.update(_memory(dev))

@@ -1,0 +1,85 @@
+"""Fused RMSNorm and SwiGLU Triton kernels against their torch references (TRITON_INTERPRET=1 on CPU).
+
+As in test_kernels_nf4: the interpreter is chosen when a kernel is decorated, so without a GPU the
+kernel tests re-run themselves in a fresh process with TRITON_INTERPRET=1.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+
+
+def _in_interpreter_or_rerun(request):
+    if ON_GPU or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::{request.node.name}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    return True
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_rmsnorm_matches_reference(dtype, request):
+    if _in_interpreter_or_rerun(request):
+        return
+    from fourbit.kernels.rmsnorm import RMSNormFunction, rmsnorm_reference
+    g = torch.Generator().manual_seed(0)
+    for H in (96, 128):                     # a non-power-of-two row and a power of two
+        x = (torch.randn(3, 5, H, generator=g) * 3).to(DEV, dtype)
+        w = (torch.rand(H, generator=g) + 0.5).to(DEV, dtype)
+        gy = torch.randn(3, 5, H, generator=g).to(DEV, dtype)
+        xa = x.clone().requires_grad_(True)
+        y = RMSNormFunction.apply(xa, w, 1e-5)
+        y.backward(gy)
+        xb = x.clone().requires_grad_(True)
+        yr = rmsnorm_reference(xb, w, 1e-5)
+        yr.backward(gy)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert _rel(y, yr) < tol and _rel(xa.grad, xb.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_swiglu_matches_reference(dtype, request):
+    if _in_interpreter_or_rerun(request):
+        return
+    from fourbit.kernels.swiglu import SwiGLUFunction, swiglu_reference
+    gen = torch.Generator().manual_seed(1)
+    shape = (3, 700)                        # not a multiple of the block: masked tail
+    g = (torch.randn(shape, generator=gen) * 4).to(DEV, dtype)
+    u = torch.randn(shape, generator=gen).to(DEV, dtype)
+    d = torch.randn(shape, generator=gen).to(DEV, dtype)
+    ga, ua = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    h = SwiGLUFunction.apply(ga, ua)
+    h.backward(d)
+    gb, ub = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    hr = swiglu_reference(gb, ub)
+    hr.backward(d)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(h, hr) < tol and _rel(ga.grad, gb.grad) < tol and _rel(ua.grad, ub.grad) < tol
+
+
+def test_fuse_layers_swaps_and_keeps_names():
+    from fourbit.shapes import build_random_model
+    from fourbit.train.activations import fuse_layers, unfuse_layers
+    model = build_random_model("tiny", "cpu", quant="none")
+    names = sorted(n for n, _ in model.named_parameters())
+    ids = torch.randint(3, 1024, (1, 16), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    assert fuse_layers(model) == 2 * 2 + 1 + 2          # 2 norms a layer, the final norm, 2 MLPs
+    assert fuse_layers(model) == 0                       # idempotent
+    assert sorted(n for n, _ in model.named_parameters()) == names
+    assert torch.equal(model(input_ids=ids).logits, before)   # CPU: the references, same math
+    unfuse_layers(model)
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm" and "forward" not in model.model.layers[0].mlp.__dict__
