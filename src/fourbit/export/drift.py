@@ -28,8 +28,12 @@ class Drift:
     batches: int
 
 
-def read_texts(path: str, tokenizer, limit: int = 16) -> list[str]:
-    """The first `limit` rows of a .jsonl/.json file as rendered text (chat messages via the template)."""
+def read_texts(path: str, tokenizer, limit: int = 16) -> list[tuple[str, str]]:
+    """The first `limit` rows of a .jsonl/.json file as (full text, unscored prefix).
+
+    Chat rows are rendered with the chat template; the prefix is everything before the last assistant
+    turn, so the score covers what the model was trained to write (as fourbit's training loss does).
+    """
     if not os.path.isfile(path):
         raise DataError(f"Eval data `{path}` not found. Pass a .jsonl file with --eval-data.")
     with open(path, encoding="utf-8") as f:
@@ -51,31 +55,42 @@ def read_texts(path: str, tokenizer, limit: int = 16) -> list[str]:
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}.")
         if "messages" in row:
-            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+            msgs = row["messages"]
+            last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+            prefix = ("" if last is None else
+                      tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True))
+            texts.append((tokenizer.apply_chat_template(msgs, tokenize=False), prefix))
         elif "text" in row:
-            texts.append(str(row["text"]))
+            texts.append((str(row["text"]), ""))
         elif "prompt" in row and "completion" in row:
-            texts.append(str(row["prompt"]) + str(row["completion"]))
+            texts.append((str(row["prompt"]) + str(row["completion"]), str(row["prompt"])))
         elif "instruction" in row and "output" in row:
-            texts.append(f"{row['instruction']}\n{row.get('input') or ''}\n{row['output']}")
+            prompt = f"{row['instruction']}\n{row.get('input') or ''}\n"
+            texts.append((prompt + str(row["output"]), prompt))
         else:
             raise DataError(f"{path}, row {i}: no `messages`, `text`, `prompt`/`completion` or "
                             f"`instruction`/`output` field (fields: {', '.join(map(str, row))}).")
     return texts
 
 
-def make_batches(tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256) -> list[dict]:
+def make_batches(tokenizer, texts: list[tuple[str, str]], batch_size: int = 4,
+                 max_length: int = 256) -> list[tuple[dict, torch.Tensor]]:
+    """(model inputs, scored mask (B, T): 1 where the token is one the model should predict)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = []
     for i in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[i:i + batch_size]]
+        rows = texts[i:i + batch_size]
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t, _ in rows]
+        n_prefix = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) if p else 1 for _, p in rows]
         T = max(len(e) for e in enc)
         ids = torch.full((len(enc), T), pad, dtype=torch.long)   # (B, T)
         mask = torch.zeros((len(enc), T), dtype=torch.long)      # (B, T), 1 = real token
+        score = torch.zeros((len(enc), T), dtype=torch.bool)     # (B, T), 1 = scored target
         for j, e in enumerate(enc):
             ids[j, :len(e)] = torch.tensor(e)
             mask[j, :len(e)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
+            score[j, n_prefix[j]:len(e)] = True
+        batches.append(({"input_ids": ids, "attention_mask": mask}, score))
     return batches
 
 
@@ -100,23 +115,26 @@ def _reference_logits(base_dir: str, adapter_dir: str, quant: dict, batches: Ite
             yield model(**b).logits.float()
 
 
-def _shifted(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token log-probs (N, V), targets (N,) at real positions only."""
-    valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()  # (B, T-1)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[valid]                         # (N, V)
-    return logp, batch["input_ids"][:, 1:][valid], valid
+def _shifted(logits: torch.Tensor, batch: dict, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probs (N, V) and targets (N,) at the scored positions only."""
+    valid = score[:, 1:]                                                    # (B, T-1): target t+1 is scored
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[valid]             # (N, V)
+    return logp, batch["input_ids"][:, 1:][valid]
 
 
-def measure_drift(adapter: Adapter, merged_dir: str, batches: list[dict], dtype: str = "bfloat16") -> Drift:
-    """Mean next-token KL(4-bit + adapter || merged) and both eval losses over `batches`."""
+def measure_drift(adapter: Adapter, merged_dir: str, batches: list[tuple[dict, torch.Tensor]],
+                  dtype: str = "bfloat16") -> Drift:
+    """Mean next-token KL(4-bit + adapter || merged) and both eval losses over the scored tokens of `batches`."""
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype)).eval()
     kl_sum, ref_nll, mer_nll, n = 0.0, 0.0, 0.0, 0
     with torch.no_grad():
-        for ref_logits, b in zip(_reference_logits(adapter.base_dir, adapter.dir, adapter.quant, batches), batches):
-            ref_lp, target, _ = _shifted(ref_logits, b)
-            mer_lp, _, _ = _shifted(merged(**b).logits, b)
+        inputs = [b for b, _ in batches]
+        for ref_logits, (b, score) in zip(_reference_logits(adapter.base_dir, adapter.dir, adapter.quant, inputs),
+                                          batches):
+            ref_lp, target = _shifted(ref_logits, b, score)
+            mer_lp, _ = _shifted(merged(**b).logits, b, score)
             kl_sum += (ref_lp.exp() * (ref_lp - mer_lp)).sum().item()
             ref_nll -= ref_lp.gather(1, target[:, None]).sum().item()
             mer_nll -= mer_lp.gather(1, target[:, None]).sum().item()
@@ -145,7 +163,7 @@ def drift_report(adapter: Adapter, merged_dir: str, eval_data: Optional[str], dt
     tok = AutoTokenizer.from_pretrained(merged_dir)
     batches = make_batches(tok, read_texts(path, tok, max_rows))
     d = measure_drift(adapter, merged_dir, batches, dtype=dtype)
-    print(f"drift vs 4-bit base + adapter on {d.tokens} held-out tokens ({d.batches} batches of {path}): "
+    print(f"drift vs 4-bit base + adapter on {d.tokens} held-out answer tokens ({d.batches} batches of {path}): "
           f"mean next-token KL {d.kl:.2e} nats; eval loss {d.loss_reference:.4f} (4-bit + adapter) -> "
           f"{d.loss_merged:.4f} (merged), diff {d.loss_merged - d.loss_reference:+.4f}")
     return d
