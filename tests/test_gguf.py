@@ -42,7 +42,7 @@ def prompt_ids(model_dir):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def check_roundtrip(model_dir, gguf_file, tol):
+def check_roundtrip(model_dir, gguf_file, tol, tokenizer=True):
     """Logits and tokenizer of the GGUF file, read by transformers, against the source folder."""
     from transformers import AutoTokenizer
     folder, name = os.path.split(gguf_file)
@@ -50,6 +50,8 @@ def check_roundtrip(model_dir, gguf_file, tol):
     want, got = hf_logits(model_dir, ids), hf_logits(folder, ids, gguf_file=name)
     err = (want - got).abs().max().item()
     assert err <= tol, (err, tol)
+    if not tokenizer:
+        return err
     tok, gtok = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(folder, gguf_file=name)
     assert gtok.chat_template == tok.chat_template and gtok.eos_token == tok.eos_token
     assert gtok(SAMPLE, add_special_tokens=False).input_ids == tok(SAMPLE, add_special_tokens=False).input_ids
@@ -66,7 +68,7 @@ def fields(gguf_file):
 @pytest.mark.parametrize("out_type,tol", [("bf16", 1e-5), ("f16", 1e-3), ("q8_0", 0.05)])
 def test_llama_roundtrip_through_transformers(merged_dir, tmp_path, out_type, tol):
     res = export_gguf(merged_dir, str(tmp_path / f"m-{out_type}.gguf"), out_type)
-    err = check_roundtrip(merged_dir, res.path, tol)
+    err = check_roundtrip(merged_dir, res.path, tol, tokenizer=out_type == "bf16")  # same metadata for all types
     meta, tensors = fields(res.path)
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.eos_token_id"] == 2 and meta["tokenizer.ggml.eot_token_id"] == 2  # <|im_end|>
