@@ -31,11 +31,11 @@ GRIDS = {
     "cpu": [("tiny", 1, 512, "off"), ("tiny", 1, 2048, "off"), ("tiny", 4, 2048, "full"),
             ("smollm2-135m", 1, 256, "off"), ("smollm2-135m", 1, 1024, "off"), ("smollm2-135m", 1, 1024, "full"),
             ("smollm2-135m", 2, 2048, "full")],
-    "gpu": [(s, 1, t, p) for s in ("tiny", "smollm2-135m", "llama3-8b") for t in (512, 2048, 8192)
-            for p in ("off", "full")]
-           + [("llama3-8b", 4, 2048, "full"),
-              ("llama3-70b", 1, 2048, "full"), ("llama3-70b", 1, 512, "off"), ("llama3-70b", 1, 512, "full"),
-              ("llama3-70b", 1, 8192, "full")],
+    "gpu": [("llama3-70b", 1, 2048, "full"), ("llama3-70b", 1, 512, "off"), ("llama3-70b", 1, 512, "full"),
+            ("llama3-70b", 1, 8192, "full"),
+            ("llama3-8b", 4, 2048, "full"), ("llama3-8b", 1, 8192, "offload")]
+           + [(s, 1, t, p) for s in ("llama3-8b", "smollm2-135m", "tiny") for t in (512, 2048, 8192)
+              for p in ("off", "full")],
     "smoke": [("tiny", 1, 128, "off"), ("tiny", 2, 128, "full")],
 }
 CAP_70B = 48 * GiB     # the seed's claim: a 70B-class QLoRA run inside a 48 GB GPU

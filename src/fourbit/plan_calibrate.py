@@ -2,7 +2,7 @@
 
 Used by `benchmarks/memory_plan.py` (one fresh subprocess per shape) and by tests/test_plan.py.
 The step is fourbit's own: NF4 base (bitsandbytes), our `LoRALinear`, `causal_lm_loss` (chunked
-LM-head cross-entropy), transformers' activation checkpointing as `prepare_run` enables it, and the
+LM-head cross-entropy), fourbit.train.activations' checkpointing policies as `prepare_run` applies them, and the
 configured optimizer, over synthetic full-length rows. Random models of named shapes are built on
 the `meta` device and quantized one linear at a time on the target device, so a 70B shape never
 exists in 16 bits (the same method as fourbit.shapes, which the throughput benchmark uses).
@@ -63,15 +63,12 @@ def random_nf4_model(mcfg, device: torch.device, seed: int = 0, quant: bool = Tr
 def prepare(model, cfg, policy: str) -> dict:
     """LoRA (once per model), checkpointing per `policy`, a fresh optimizer: what `prepare_run` does."""
     from .lora import LoRALinear, apply_lora, lora_parameters
-    from .train.loop import _build_optimizer, enable_activation_checkpointing
+    from .train.activations import apply_checkpointing
+    from .train.loop import _build_optimizer
     device = next(p for p in model.parameters()).device
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    if policy == "off":
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-    else:
-        enable_activation_checkpointing(model)
+    apply_checkpointing(model, policy)            # what prepare_run does (off / full / offload)
     model.train()
     params = lora_parameters(model)
     for p in params:
