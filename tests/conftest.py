@@ -23,14 +23,18 @@ def smol_tokenizer(smol_tokenizer_dir):
 
 
 def make_tiny_llama(out_dir, tokenizer_dir, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, seed=0,
-                    tie=True, dtype=torch.bfloat16):
-    """A random Llama with SmolLM2's vocabulary, saved with the tokenizer to `out_dir`."""
+                    tie=True, dtype=torch.bfloat16, init_range=0.02):
+    """A random Llama with SmolLM2's vocabulary, saved with the tokenizer to `out_dir`.
+
+    With the default init (0.02) and a frozen tied head, logits of a tiny model span only ~±3, so no
+    LoRA can push a loss below ~8; `init_range` ~0.2 gives a model that can memorise.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id, initializer_range=init_range)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(out_dir)

@@ -22,7 +22,7 @@ def _chat(q, a):
 def test_tiny_qlora_memorises(tmp_path, smol_tokenizer_dir, capsys):
     """A 4-bit tiny model learns a memorisable answer: loss falls by more than half, files are written."""
     from conftest import make_tiny_llama
-    model = make_tiny_llama(tmp_path / "m", smol_tokenizer_dir, hidden=128, inter=256, layers=2)
+    model = make_tiny_llama(tmp_path / "m", smol_tokenizer_dir, hidden=128, inter=256, layers=2, init_range=0.2)
     rows = [_chat(f"What is the secret word #{i % 4}?", "The secret word is swordfish.") for i in range(16)]
     train = _data(tmp_path, rows)
     out = tmp_path / "run"
@@ -48,11 +48,12 @@ def test_tiny_qlora_memorises(tmp_path, smol_tokenizer_dir, capsys):
 
 def _grads_after_one_step(cfg):
     run = prepare_run(cfg)
+    # plain SGD with lr 1: the parameter change after one step is exactly minus the accumulated gradient
+    # (Adam's first step, ~lr * sign(g), would hide the gradient's size)
+    run.optimizer = torch.optim.SGD(run.params, lr=1.0)
+    before = torch.cat([p.detach().flatten() for p in run.params]).clone()
     m = train_step(run, 0)
-    grads = None
-    # train_step applies the update: compare parameters instead (same start, same lr -> same update)
-    params = torch.cat([p.detach().flatten() for p in run.params])
-    return m, params
+    return m, before - torch.cat([p.detach().flatten() for p in run.params])
 
 
 def test_accumulation_normalises_by_trainable_tokens(tmp_path, tiny_model_dir):
@@ -72,12 +73,12 @@ def test_accumulation_normalises_by_trainable_tokens(tmp_path, tiny_model_dir):
                       "warmup_steps": 0, "device": "cpu", "optimizer": "adamw_torch", "max_grad_norm": 0.0,
                       "grad_checkpointing": False},
         })
-        # B starts at zero; give it a deterministic non-zero value so A's gradient is non-trivial too
         results.append(_grads_after_one_step(cfg))
     (m0, p0), (m1, p1), (m2, p2) = results
     assert abs(m0["loss"] - m1["loss"]) < 1e-5 and abs(m0["loss"] - m2["loss"]) < 1e-5
     assert abs(m0["grad_norm"] - m1["grad_norm"]) < 1e-5 * max(1.0, m0["grad_norm"])
-    assert torch.allclose(p0, p1, atol=1e-6) and torch.allclose(p0, p2, atol=1e-6)
+    assert p0.abs().max() > 1e-3                                   # a real gradient
+    assert torch.allclose(p0, p1, atol=1e-6, rtol=1e-4) and torch.allclose(p0, p2, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.slow

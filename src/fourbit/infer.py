@@ -118,15 +118,20 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int =
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, examples: list, micro_batch_size: int = 8) -> float:
-    """Token-weighted mean next-token CE over `examples` (fourbit data Examples) on trained tokens."""
+def heldout_loss(model, tokenizer, examples: list, micro_batch_size: int = 8, max_batches: int = 0) -> float:
+    """Token-weighted mean next-token CE over `examples` (fourbit data Examples) on trained tokens.
+
+    Batches are formed from length-sorted examples (less padding); `max_batches` > 0 stops early.
+    """
     from .data import collate
     from .train.loss import causal_lm_loss
     was = model.training
     model.eval()
     total, n_total = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for i in range(0, len(order), micro_batch_size):
+    for k, i in enumerate(range(0, len(order), micro_batch_size)):
+        if max_batches and k >= max_batches:
+            break
         b = collate([examples[j] for j in order[i:i + micro_batch_size]], tokenizer.pad_token_id)
         b = {k: v.to(model.device) for k, v in b.items()}
         ls, n = causal_lm_loss(model, b)

@@ -124,6 +124,5 @@ def model_config_dict(name: str) -> dict:
 def load_for_training(cfg: Config, device: torch.device):
     """Tokenizer + frozen base for a run config."""
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = load_base(cfg.model, cfg.quant if cfg.quant.bits else None, device, cfg.trust_remote_code,
-                      cfg.attn_implementation)
+    model = load_base(cfg.model, cfg.quant, device, cfg.trust_remote_code, cfg.attn_implementation)
     return model, tok

@@ -160,7 +160,8 @@ def micro_batch(run: Run, row_ids: list[int], to_device: bool = True) -> dict:
     pad = run.tokenizer.pad_token_id
     if run.cfg.data.packing:
         groups = [run.train_rows[i] for i in row_ids]
-        batch = run.collate(run.examples, pad, packed_groups=groups, max_length=run.cfg.data.max_length)
+        batch = run.collate(run.examples, pad, packed_groups=groups, max_length=run.cfg.data.max_length,
+                            attn_implementation=getattr(run.model.config, "_attn_implementation", None))
     else:
         batch = run.collate([run.examples[i] for i in row_ids], pad)
     return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()} if to_device else batch
@@ -228,32 +229,22 @@ def _accumulate_and_step(run: Run, pos: int) -> dict:
     return {"loss": loss, "grad_norm": gnorm, "lr": lr, "tokens": n_tokens, "trainable_tokens": n_train}
 
 
-@torch.no_grad()
 def evaluate(run: Run, examples: Optional[list] = None, max_batches: int = 0) -> Optional[float]:
     """Token-weighted mean CE over the eval set (None without eval data)."""
+    from ..infer import heldout_loss
     examples = run.eval_examples if examples is None else examples
     if not examples:
         return None
-    was_training = run.model.training
-    run.model.eval()
-    total, n_total = 0.0, 0
-    bs = run.cfg.train.micro_batch_size
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
-    for k, i in enumerate(range(0, len(order), bs)):
-        if max_batches and k >= max_batches:
-            break
-        b = run.collate([examples[j] for j in order[i:i + bs]], run.tokenizer.pad_token_id)
-        b = {key: v.to(run.device) for key, v in b.items()}
-        ls, n = causal_lm_loss(run.model, b)
-        total += float(ls)
-        n_total += n
-    run.model.train(was_training)
-    return total / n_total if n_total else None
+    return heldout_loss(run.model, run.tokenizer, examples, run.cfg.train.micro_batch_size, max_batches)
 
 
 def save_final(run: Run, out_dir: str) -> None:
     quant = to_dict(run.cfg.quant) if run.cfg.quant.bits else None
     save_adapter(run.model, out_dir, run.cfg.lora, run.cfg.model, quant)
+    if run.cfg.data.chat_template:
+        # the template the data was rendered with travels with the adapter (chat, merge and export use it)
+        from ..data import get_chat_template
+        run.tokenizer.chat_template = get_chat_template(run.tokenizer, run.cfg.data.chat_template)
     run.tokenizer.save_pretrained(out_dir)
 
 
@@ -274,7 +265,9 @@ def run_training(cfg: Config, resume: bool = False, force: bool = False) -> str:
     Raises:
         guards.Preempted (a SystemExit with code 143 / 130) after SIGTERM / SIGINT and its checkpoint.
     """
+    from ..plan import check_fits
     os.makedirs(cfg.output, exist_ok=True)
+    check_fits(cfg, force=force, device=resolve_device(cfg.train.device))   # refuse before the slow load
     ck_path = checkpoint_to_resume(cfg, "always" if resume else cfg.train.resume)
     ck = load_checkpoint(ck_path) if ck_path else None           # fail on a broken one before the slow load
     dump_config(cfg, os.path.join(cfg.output, "config.yaml"))
