@@ -111,3 +111,100 @@ def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor
 def reference_weight(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """The dequantized base weight through the torch reference (for tests)."""
     return dequantize_nf4_reference(packed, state)
+
+
+class LoRANF4GroupFunction(torch.autograd.Function):
+    """k frozen NF4 linears + LoRA that read the SAME input (q/k/v, gate/up), as one node.
+
+    The k weights are dequantized into one (sum out, in) buffer and multiplied in one GEMM (fewer,
+    larger GEMMs; one read of x); the k down-projections A are stacked so h = x [A_1; ...; A_k]^T is
+    one (N, k r) GEMM, and each output block gets its own h_i (s B_i)^T in the epilogue. Dropout must
+    be 0 (one shared x). Math per block i is that of `LoRANF4Function`; dx sums the k blocks inside one
+    fp32-accumulated GEMM instead of adding k bf16 results.
+    Inputs: x, k, packed list, state list, scaling, A_1..A_k, B_1..B_k. Output: (..., sum out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, k: int, packed: list, states: list, scaling: float, *ab):
+        As, Bs = ab[:k], ab[k:]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                       # (N, in)
+        outs = [b.shape[0] for b in Bs]
+        w = _dequant_group(packed, states, outs, x2.shape[1], x.dtype)      # (sum out, in)
+        a = torch.cat([A.to(x.dtype) for A in As])                          # (k r, in)
+        h = x2 @ a.t()                                                      # (N, k r)
+        y = x2 @ w.t()                                                      # (N, sum out)
+        del w
+        o, c = 0, 0
+        for B in Bs:
+            r = B.shape[1]
+            y[:, o:o + B.shape[0]].addmm_(h[:, c:c + r], (B * scaling).to(x.dtype).t())
+            o, c = o + B.shape[0], c + r
+        ctx.save_for_backward(x2, h, *As, *Bs)
+        ctx.k, ctx.packed, ctx.states, ctx.scaling, ctx.in_shape = k, packed, states, scaling, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, h, *ab = ctx.saved_tensors
+        k, s = ctx.k, ctx.scaling
+        As, Bs = ab[:k], ab[k:]
+        gy2 = gy.reshape(-1, gy.shape[-1])                                  # (N, sum out)
+        dt = gy2.dtype
+        need_x = ctx.needs_input_grad[0]
+        gh = torch.empty(h.shape, dtype=dt, device=h.device)               # (N, k r)
+        dBs = []
+        o, c = 0, 0
+        for B, need_b in zip(Bs, ctx.needs_input_grad[5 + k:]):
+            out, r = B.shape
+            g_i = gy2[:, o:o + out]                                         # (N, out_i) strided view
+            gh[:, c:c + r] = g_i @ (B * s).to(dt)                         # (N, r_i)
+            dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if need_b else None)
+            o, c = o + out, c + r
+        dx = None
+        a = torch.cat([A.to(dt) for A in As])                               # (k r, in)
+        if need_x:
+            w = _dequant_group(ctx.packed, ctx.states, [B.shape[0] for B in Bs], x2.shape[1], dt)
+            dx = gy2 @ w                                                    # (N, in)
+            del w
+            dx.addmm_(gh, a)
+            dx = dx.view(ctx.in_shape)
+        dAs = []
+        if any(ctx.needs_input_grad[5:5 + k]):
+            dA = (gh.t() @ x2).float()                                      # (k r, in)
+            c = 0
+            for A, need_a in zip(As, ctx.needs_input_grad[5:5 + k]):
+                dAs.append(dA[c:c + A.shape[0]] if need_a else None)
+                c += A.shape[0]
+        else:
+            dAs = [None] * k
+        return (dx, None, None, None, None, *dAs, *dBs)
+
+
+def _dequant_group(packed: list, states: list, outs: list, din: int, dtype: torch.dtype) -> torch.Tensor:
+    """The k weights dequantized into consecutive row blocks of one (sum outs, din) buffer."""
+    st0 = states[0]
+    w = torch.empty((sum(outs), din), dtype=st0.dtype, device=packed[0].device)
+    o = 0
+    for p, st, out in zip(packed, states, outs):
+        dequantize_nf4_fast(p, st, out=w[o:o + out])
+        o += out
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def lora_nf4_group(x: torch.Tensor, As: list, Bs: list, packed: list, states: list,
+                   scaling: float) -> torch.Tensor:
+    """k frozen NF4 linears + LoRA on one input x (dropout 0), one autograd node.
+
+    Args:
+        x: (..., in). As[i]: (r_i, in), Bs[i]: (out_i, r_i) fp32. packed/states: the NF4 weights
+        (all of one dtype) and their `NF4State`s.
+    Returns:
+        (..., sum out_i): the k outputs side by side (split with `torch.split`, whose backward is one cat).
+    """
+    return LoRANF4GroupFunction.apply(x, len(As), list(packed), list(states), scaling, *As, *Bs)
+
+
+def lora_group_reference(x: torch.Tensor, weights: list, As: list, Bs: list, scaling: float) -> torch.Tensor:
+    """The group with plain autograd: k `lora_linear_reference` outputs concatenated."""
+    return torch.cat([lora_linear_reference(x, None, w, A, B, scaling) for w, A, B in zip(weights, As, Bs)], -1)
