@@ -93,3 +93,103 @@ def test_lora_linear_cuda_fast_path_equals_cpu_path():
     slow = (y2.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
     for f, s in zip(fast, slow):
         assert (f.float() - s.float()).norm() / s.float().norm() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_group_matches_separate_layers(dtype):
+    """q/k/v (or gate/up) as one node: same outputs and gradients as k separate LoRA linears."""
+    from fourbit.kernels.lora_fn import lora_group_reference, lora_nf4_group
+    g = torch.Generator().manual_seed(5)
+    din, outs, r = 128, (192, 64, 64), 4
+    x = torch.randn(2, 6, din, generator=g).to(dtype)
+    packs, states, ws, As, Bs = [], [], [], [], []
+    for o in outs:
+        w = (torch.randn(o, din, generator=g) * 0.05).to(dtype)
+        p, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packs.append(p)
+        states.append(NF4State.from_quant_state(qs))
+        ws.append(dequantize_nf4_reference(p, qs))
+        As.append(torch.randn(r, din, generator=g) * 0.1)
+        Bs.append(torch.randn(o, r, generator=g) * 0.1)
+    gy = torch.randn(2, 6, sum(outs), generator=g).to(dtype)
+
+    def run(fn):
+        xx = x.clone().requires_grad_(True)
+        aa = [a.clone().requires_grad_(True) for a in As]
+        bb = [b.clone().requires_grad_(True) for b in Bs]
+        y = fn(xx, aa, bb)
+        y.backward(gy)
+        return [y.detach(), xx.grad] + [a.grad for a in aa] + [b.grad for b in bb]
+
+    fast = run(lambda xx, aa, bb: lora_nf4_group(xx, aa, bb, packs, states, 2.0))
+    ref = run(lambda xx, aa, bb: lora_group_reference(xx, ws, aa, bb, 2.0))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for f, rr in zip(fast, ref):
+        assert f.dtype == rr.dtype and f.shape == rr.shape
+        assert (f.float() - rr.float()).norm() / rr.float().norm() < tol
+
+
+def _tiny_lora(device, seed=0):
+    from fourbit.config import LoraConfig
+    from fourbit.lora import apply_lora, lora_parameters
+    from fourbit.shapes import build_random_model
+    model = build_random_model("tiny", device, quant="nf4", seed=seed)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"), seed=1)
+    with torch.no_grad():
+        for i, p in enumerate(lora_parameters(model)):
+            p.normal_(0, 0.05, generator=torch.Generator(p.device).manual_seed(i))
+    return model
+
+
+def _loss_and_grads(model, ids):
+    from fourbit.lora import lora_parameters
+    from fourbit.train.loss import causal_lm_loss
+    ls, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    ls.backward()
+    out = float(ls.detach()), [p.grad.clone() for p in lora_parameters(model)]
+    for p in lora_parameters(model):
+        p.grad = None
+    return out
+
+
+def test_flat_lora_same_update_as_per_tensor():
+    """FlatLoRA: weights are views of one buffer; AdamW on it gives the per-tensor update exactly."""
+    from fourbit.lora import FlatLoRA, lora_parameters
+    ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    models = [_tiny_lora("cpu"), _tiny_lora("cpu")]
+    fl = FlatLoRA(models[1])
+    assert all(p.data_ptr() >= fl.flat.data_ptr() for p in lora_parameters(models[1]))
+    opts = [torch.optim.AdamW(lora_parameters(models[0]), lr=1e-2, weight_decay=0.1),
+            torch.optim.AdamW([fl.flat], lr=1e-2, weight_decay=0.1)]
+    for _ in range(2):
+        for k, (m, o) in enumerate(zip(models, opts)):
+            from fourbit.train.loss import causal_lm_loss
+            ls, _ = causal_lm_loss(m, {"input_ids": ids, "labels": ids})
+            ls.backward()
+            if k:
+                fl.gather_grads()
+            o.step()
+            o.zero_grad(set_to_none=True)
+            if k:
+                fl.zero_grad()
+    for a, b in zip(lora_parameters(models[0]), lora_parameters(models[1])):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_qkv_and_gate_up_equal_separate_layers():
+    """fuse_layers' LoRA groups (q/k/v and gate/up as one GEMM each) change nothing beyond bf16 noise."""
+    from fourbit.lora import LoRAGroup
+    from fourbit.train.activations import fuse_layers, unfuse_layers
+    ids = torch.randint(3, 1024, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    model = _tiny_lora("cuda")
+    model.train()
+    ref = _loss_and_grads(model, ids)
+    fuse_layers(model)
+    assert isinstance(model.model.layers[0].self_attn.k_proj.__dict__.get("_fourbit_group"), LoRAGroup)
+    got = _loss_and_grads(model, ids)
+    unfuse_layers(model)
+    assert "_fourbit_group" not in model.model.layers[0].self_attn.q_proj.__dict__
+    assert abs(got[0] - ref[0]) / ref[0] < 1e-3
+    for g, r in zip(got[1], ref[1]):
+        assert (g - r).norm() / r.norm() < 3e-2

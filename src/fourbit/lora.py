@@ -147,9 +147,19 @@ class LoRALinear(nn.Module):
             self._nf4, self._nf4_key = NF4State.from_quant_state(w.quant_state), key
         return self._nf4
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_path(self, x: torch.Tensor) -> bool:
+        """True when the GPU fast path (one autograd node over the NF4 weight) applies to x."""
         base = self.base_layer
-        if x.is_cuda and is_4bit(base) and getattr(base, "bias", None) is None:
+        return x.is_cuda and is_4bit(base) and getattr(base, "bias", None) is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grp = self.__dict__.get("_fourbit_group")
+        if grp is not None:                   # q/k/v on one input: the first call computes all three
+            y = grp.member_forward(self, x)
+            if y is not None:
+                return y
+        base = self.base_layer
+        if self.fast_path(x):
             # GPU fast path: one autograd node (fourbit.kernels.lora_fn), same math as below.
             from .kernels.lora_fn import lora_nf4_linear
             xd = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
@@ -163,6 +173,101 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, 4bit={is_4bit(self.base_layer)}"
+
+
+class LoRAGroup:
+    """LoRALinears that read the same input (q/k/v, gate/up) run as one node on the GPU fast path:
+    one dequantization buffer and one GEMM for the k base weights (`kernels.lora_fn.lora_nf4_group`).
+
+    `fused(x)` returns the k outputs side by side (or None when the path does not apply: CPU, dropout
+    in training, a bias, mixed dtypes). For q/k/v, whose calls transformers makes one by one,
+    `member_forward` computes all k on the first member's call and hands the others their block when
+    they are called with the same tensor; any other call falls back to the member's own path.
+    Not a module: members keep their names, parameters and files.
+    """
+
+    def __init__(self, members: list):
+        self.members = list(members)
+        self.outs = [m.out_features for m in self.members]
+        self._cache = None                    # (x, outputs) between the first and the last member's call
+
+    def applies(self, x: torch.Tensor) -> bool:
+        ms = self.members
+        return (all(m.fast_path(x) and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in ms)
+                and len({m.scaling for m in ms}) == 1 and len({m.base_layer.weight.quant_state.dtype for m in ms}) == 1
+                and len({m.in_features for m in ms}) == 1)
+
+    def fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.applies(x):
+            return None
+        from .kernels.lora_fn import lora_nf4_group
+        ms = self.members
+        return lora_nf4_group(x, [m.lora_A.weight for m in ms], [m.lora_B.weight for m in ms],
+                              [m.base_layer.weight.data for m in ms], [m._nf4_state() for m in ms], ms[0].scaling)
+
+    def member_forward(self, m: "LoRALinear", x: torch.Tensor) -> Optional[torch.Tensor]:
+        i = next(j for j, mm in enumerate(self.members) if mm is m)
+        if i == 0:
+            self._cache = None
+            y = self.fused(x)
+            if y is None:
+                return None
+            parts = y.split(self.outs, dim=-1)            # backward: one cat into the group's gradient
+            self._cache = (x, parts)
+            return parts[0]
+        c = self._cache
+        if c is None or c[0] is not x:
+            return None
+        if i == len(self.members) - 1:
+            self._cache = None
+        return c[1][i]
+
+
+def group_lora(members: list) -> Optional[LoRAGroup]:
+    """A LoRAGroup over `members` when all are LoRALinears (else None)."""
+    return LoRAGroup(members) if members and all(isinstance(m, LoRALinear) for m in members) else None
+
+
+class FlatLoRA:
+    """Every LoRA weight of a model as a view of one fp32 buffer, `flat` (an nn.Parameter).
+
+    An optimizer over `[flat]` updates all adapters in one launch (bitsandbytes' paged AdamW runs one
+    kernel and one prefetch per tensor: 448 of them at Llama-3-8B) and `clip_grad_norm_` takes one
+    norm. Adam and weight decay are elementwise, so the update equals the per-tensor one (not so for
+    8-bit blockwise state: use it with 32-bit optimizers only). Per-layer gradients stay autograd's;
+    `gather_grads()` concatenates them into `flat.grad` (one cat) before clipping, `zero_grad()`
+    drops both (so no second gradient copy lives through the forward pass).
+    """
+
+    def __init__(self, model: nn.Module):
+        layers = [m for _, m in lora_layers(model)]
+        if not layers:
+            raise ValueError("the model has no LoRA layers")
+        ws = [lin.weight for m in layers for lin in (m.lora_A, m.lora_B)]
+        flat = torch.empty(sum(w.numel() for w in ws), dtype=torch.float32, device=ws[0].device)
+        o = 0
+        for w in ws:
+            flat[o:o + w.numel()].copy_(w.detach().reshape(-1))
+            o += w.numel()
+        self.flat = nn.Parameter(flat)
+        base, o, self.params = self.flat.detach(), 0, []
+        for m in layers:
+            for lin in (m.lora_A, m.lora_B):
+                n = lin.weight.numel()
+                lin.weight = nn.Parameter(base[o:o + n].view(lin.weight.shape))   # shares flat's storage
+                self.params.append(lin.weight)
+                o += n
+
+    def gather_grads(self) -> torch.Tensor:
+        """flat.grad = the per-layer gradients back to back (zeros for a layer without one)."""
+        self.flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                    for p in self.params])
+        return self.flat.grad
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.flat.grad = None
 
 
 def materialize_4bit(model: nn.Module) -> int:

@@ -164,16 +164,25 @@ _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def fuse_layers(model: nn.Module) -> int:
-    """Swap Llama-style RMSNorms for `FusedRMSNorm` and run SiLU-gated MLPs through the fused SwiGLU.
+    """Swap Llama-style RMSNorms for `FusedRMSNorm` and run SiLU-gated MLPs through the fused SwiGLU;
+    group LoRA q/k/v and gate/up (`lora.LoRAGroup`: one NF4 dequant buffer and one GEMM per group on
+    the GPU fast path; the gate/up output goes whole into `swiglu_packed`). Call after `apply_lora`.
 
     Both keep fewer activations (no fp32 copies in the norm, no silu(g) tensor) and run fewer
     kernels; both fall back to the torch reference off CUDA. Instances are swapped or given their
     own forward, parameter names stay. Idempotent. Returns the number of modules changed.
     """
     from ..kernels.rmsnorm import FusedRMSNorm
-    from ..kernels.swiglu import swiglu
+    from ..kernels.swiglu import swiglu, swiglu_packed
+    from ..lora import group_lora
     n = 0
     for name, mod in list(model.named_modules()):
+        if all(hasattr(mod, k) for k in ("q_proj", "k_proj", "v_proj")):
+            grp = group_lora([mod.q_proj, mod.k_proj, mod.v_proj])     # q/k/v: one dequant buffer, one GEMM
+            if grp is not None and "_fourbit_group" not in mod.q_proj.__dict__:
+                for m in grp.members:
+                    m.__dict__["_fourbit_group"] = grp
+                n += 1
         if type(mod).__name__ in _NORMS and not mod.weight.requires_grad:
             parent, _, child = name.rpartition(".")
             fused = FusedRMSNorm(mod.weight, mod.variance_epsilon)
@@ -182,7 +191,12 @@ def fuse_layers(model: nn.Module) -> int:
             n += 1
         elif (all(hasattr(mod, k) for k in ("gate_proj", "up_proj", "down_proj"))
               and _is_silu(getattr(mod, "act_fn", None)) and "forward" not in mod.__dict__):
-            def forward(x, _m=mod):
+            grp = group_lora([mod.gate_proj, mod.up_proj])           # gate/up: one GEMM, SwiGLU reads it whole
+
+            def forward(x, _m=mod, _g=grp):
+                gu = _g.fused(x) if _g is not None else None
+                if gu is not None:
+                    return _m.down_proj(swiglu_packed(gu))
                 return _m.down_proj(swiglu(_m.gate_proj(x), _m.up_proj(x)))
             mod.forward = forward
             n += 1
@@ -192,6 +206,7 @@ def fuse_layers(model: nn.Module) -> int:
 def unfuse_layers(model: nn.Module) -> None:
     """Undo `fuse_layers`."""
     for name, mod in list(model.named_modules()):
+        mod.__dict__.pop("_fourbit_group", None)
         if "_fourbit_orig" in mod.__dict__:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, mod.__dict__["_fourbit_orig"])
