@@ -89,10 +89,10 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     Returns:
         (loss, n_tokens): fp32 scalar loss (0 when no token is trainable), the count of trainable tokens.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     H = hidden.shape[-1]
     flat_h = hidden.reshape(-1, H)                                    # (N, H)
     flat_y = labels.reshape(-1)                                       # (N,)
@@ -102,11 +102,38 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     rows = (flat_y != ignore_index).nonzero().squeeze(1)             # (M,)
     targets = flat_y.index_select(0, rows)                            # (M,)
     n_tokens = rows.numel()
-    if n_tokens and not bool(((targets >= 0) & (targets < weight.shape[0])).all()):
-        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index}")
-    grad_on = torch.is_grad_enabled()
-    loss = ChunkedLMHeadLoss.apply(flat_h, weight, rows, targets, chunk_size,
-                                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    loss = lm_head_loss_rows(flat_h, weight, rows, targets, chunk_size)
     if reduction == "mean":
         loss = loss / max(n_tokens, 1)
     return loss, n_tokens
+
+
+def lm_head_loss_rows(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                      chunk_size: int) -> torch.Tensor:
+    """Summed CE of the rows `rows` of hidden (N, H) against `targets` (M,), no host sync.
+
+    The label range is checked on the device (`torch._assert_async` on CUDA: a bad label fails the
+    step with a device assert instead of costing a sync on every good one; on CPU it raises here).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if targets.numel():
+        ok = ((targets >= 0) & (targets < weight.shape[0])).all()
+        if targets.is_cuda:
+            torch._assert_async(ok, f"labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}")
+        elif not bool(ok):
+            raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}")
+    grad_on = torch.is_grad_enabled()
+    return ChunkedLMHeadLoss.apply(hidden, weight, rows, targets, chunk_size,
+                                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+
+
+def chunk_tokens(vocab: int, budget_bytes: int = 512 * 2 ** 20, lo: int = 128, hi: int = 8192) -> int:
+    """Tokens per LM-head chunk so the chunk's buffers stay within `budget_bytes`.
+
+    A chunk of C tokens holds its bf16 logits (2V bytes a token) while they are upcast to fp32 (4V),
+    then the fp32 softmax (4V, in place) and its bf16 copy dz (2V): at most ~8V bytes a token.
+    512 MiB gives 512 tokens at a 128k vocabulary (Llama-3), 2,048 at 32k; a multiple of 128, in [lo, hi].
+    """
+    c = budget_bytes // (8 * max(1, vocab))
+    return int(min(hi, max(lo, (c // 128) * 128)))

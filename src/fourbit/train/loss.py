@@ -14,10 +14,11 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight^T, labels_i), computed over row chunks; fp32 logits exist one chunk at a time."""
-    from ..kernels.lm_loss import lm_head_loss
-    loss, _ = lm_head_loss(hidden, weight, labels, chunk_size=chunk, reduction="sum")
+def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight^T, labels_i), computed over row chunks; fp32 logits exist one chunk at a time.
+    chunk: tokens per chunk; 0 = `kernels.lm_loss.chunk_tokens(V)` (512 MiB of chunk buffers)."""
+    from ..kernels.lm_loss import chunk_tokens, lm_head_loss
+    loss, _ = lm_head_loss(hidden, weight, labels, chunk_size=chunk or chunk_tokens(weight.shape[0]), reduction="sum")
     return loss
 
 
@@ -25,22 +26,32 @@ def decoder_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of next-token CE over trainable tokens, number of trainable tokens) for one micro-batch."""
+def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over trainable tokens, number of trainable tokens) for one micro-batch.
+
+    One host sync (the positions that carry a label, taken before the decoder runs, so the GPU is
+    not left waiting mid-step); the hidden states are never gathered into a copy: the LM-head loss
+    reads the trainable rows of the decoder output in place. chunk: see `chunked_ce_sum`.
+    """
     labels = batch["labels"][:, 1:]                                   # (B, T-1): token t+1 is predicted at t
-    sel = labels != IGNORE
-    n = int(sel.sum())
+    T = batch["labels"].shape[1]
+    pos = (labels != IGNORE).nonzero()                                # (M, 2) (b, t): the one sync
+    n = pos.shape[0]
+    rows = pos[:, 0] * T + pos[:, 1]                                  # (M,) rows of the (B*T, H) output
+    targets = labels[pos[:, 0], pos[:, 1]]                            # (M,)
     out = model.get_decoder()(**decoder_inputs(batch), use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]                            # (B, T-1, H)
+    hidden = out.last_hidden_state                                    # (B, T, H)
     if n == 0:
         return hidden.sum() * 0.0, 0                                  # keeps the graph; callers skip the step
     head = model.get_output_embeddings()
-    h = hidden[sel]                                                    # (N, H) only trainable positions
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        h = hidden[:, :-1][labels != IGNORE]                          # (N, H) only trainable positions
         logits = model.lm_head(h).float() if not getattr(model.config, "final_logit_softcapping", None) else \
             _softcapped(model, h)
-        return F.cross_entropy(logits, labels[sel], reduction="sum"), n
-    return chunked_ce_sum(h, head.weight, labels[sel]), n
+        return F.cross_entropy(logits, labels[labels != IGNORE], reduction="sum"), n
+    from ..kernels.lm_loss import chunk_tokens, lm_head_loss_rows
+    flat = hidden.reshape(-1, hidden.shape[-1])                       # (B*T, H), a view
+    return lm_head_loss_rows(flat, head.weight, rows, targets, chunk or chunk_tokens(head.weight.shape[0])), n
 
 
 def _softcapped(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
