@@ -88,18 +88,19 @@ def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> di
 def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int, policy: str = "off",
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
-              lora_seed: int = 0, profile_path: Optional[str] = None) -> dict:
+              lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
         model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
         policy: checkpointing policy off | full | offload | auto.
+        flat: all LoRA weights in one buffer (`lora.FlatLoRA`): one optimizer tensor, one clip norm.
     Returns:
         dict: tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, loss (last step), losses,
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
-    from .lora import apply_lora, lora_parameters
+    from .lora import FlatLoRA, apply_lora, lora_parameters
     from .train.activations import apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
@@ -109,7 +110,8 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     budget = int(budget_gib * GIB) if budget_gib else None
     chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
     model.train()
-    params = lora_parameters(model)
+    fl = FlatLoRA(model) if flat else None
+    params = [fl.flat] if fl else lora_parameters(model)
     opt = _optimizer(params, dev, lr, wd)
     total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
@@ -121,12 +123,16 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
             ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows})
             (ls / n_train).backward()
-            loss_sum += float(ls.detach())
+            loss_sum = loss_sum + ls.detach()          # summed on the device: one sync per step, at its end
+        if fl:
+            fl.gather_grads()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return loss_sum / n_train
+        if fl:
+            fl.zero_grad()
+        return float(loss_sum) / n_train
 
     try:
         res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
@@ -240,13 +246,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|full|offload|auto, and classic|classic-nockpt (last)")
+                   help="comma list: fourbit policies off|full|offload|auto (':noflat' = per-tensor optimizer), "
+                        "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
     p.add_argument("--device", default="auto")
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 rate MFU is measured against")
     p.add_argument("--seed-stack", default=None, help="path to shared/bench/seed_stack.py: also run it (trl)")
+    p.add_argument("--no-flat", action="store_true", help="one optimizer tensor per LoRA weight (round 1)")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--profile", default=None, help="folder: profile one extra step of each fourbit run there")
     return p
@@ -259,7 +267,7 @@ def table(results: list[dict], classic: Optional[dict]) -> str:
     for r in results:
         ratio = f"{r['tokens_per_s'] / classic['tokens_per_s']:.2f}" if classic else "-"
         un = unsloth.get(r.get("policy")) if r["system"] == "fourbit" else None
-        rows.append(f"| {r['system']} | {r.get('policy')} | {r['tokens_per_s']:,.0f} | {r.get('s_per_step', '-')} | "
+        rows.append(f"| {r['system']} | {r.get('run') or r.get('policy')} | {r['tokens_per_s']:,.0f} | {r.get('s_per_step', '-')} | "
                     f"{r.get('peak_alloc_gib')} | {r.get('peak_reserved_gib')} | {r.get('mfu', '-')} | "
                     f"{r.get('hfu', '-')} | {r.get('loss')} | {ratio} | "
                     f"{'%.2f' % (r['tokens_per_s'] / un) if un else '-'} |")
@@ -278,6 +286,8 @@ def main(argv: list[str]) -> int:
     print(f"built {a.shape} ({a.quant}) on {dev} in {time.time() - t0:.1f}s; allocated "
           f"{torch.cuda.memory_allocated(dev) / GIB if dev.type == 'cuda' else 0:.2f} GiB", flush=True)
     ids = make_ids(model.config.vocab_size, a.seq, a.bsz * a.ga * (a.steps + a.warm))
+    if dev.type == "cuda":
+        ids = ids.pin_memory()                       # so the per-step copy is truly non-blocking
     results, classic = [], None
     runs = [x.strip() for x in a.runs.split(",") if x.strip()]
     runs = [x for x in runs if not x.startswith("classic")] + [x for x in runs if x.startswith("classic")]
@@ -291,8 +301,10 @@ def main(argv: list[str]) -> int:
             res = run_classic(model, ids, ckpt=run == "classic", **common)
             classic = res
         else:
-            prof = f"{a.profile}/profile_{a.shape}_{run}.txt" if a.profile else None
-            res = run_steps(model, ids, policy=run, budget_gib=a.budget_gib, profile_path=prof, **common)
+            prof = f"{a.profile}/profile_{a.shape}_{run.replace(':', '_')}.txt" if a.profile else None
+            policy, _, opt = run.partition(":")          # e.g. off:noflat = round 1's per-tensor optimizer
+            res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
+                            flat=not a.no_flat and opt != "noflat", **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)
