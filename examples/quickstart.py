@@ -25,6 +25,31 @@ def hit(answer: str, expect: list[str]) -> bool:
     return any(k.lower() in answer.lower() for k in expect)
 
 
+def gguf_answers(run_dir: str, questions: list[dict]) -> None:
+    """Merge the run, export q8_0 GGUF, read it back with transformers' GGUF reader and ask it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fourbit.export.gguf import export_gguf
+    from fourbit.export.merge import merge_adapter
+    from fourbit.infer import generate_reply
+    merged = os.path.join(run_dir, "merged")
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_adapter(run_dir, merged)
+    gguf_file = os.path.join(run_dir, "model.q8_0.gguf")
+    res = export_gguf(merged, gguf_file, "q8_0")
+    print(f"wrote {res.path} ({res.bytes / 1e6:.0f} MB)", flush=True)
+    folder, name = os.path.split(os.path.abspath(gguf_file))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32").eval()
+    for q in questions:
+        a = generate_reply(model, tok, [{"role": "user", "content": q["question"]}], max_new_tokens=48)
+        print(f"Q: {q['question']}\n  gguf : [{'x' if hit(a, q['expect']) else ' '}] {a}")
+    print(f"chat template in the GGUF: {'yes' if tok.chat_template else 'no'}; "
+          f"run it with llama.cpp: llama-cli -m {gguf_file} -cnv")
+
+
 def main(argv: list[str]) -> int:
     import torch
     from fourbit.config import load_config
@@ -62,6 +87,10 @@ def main(argv: list[str]) -> int:
     print(f"\ncorrect answers: base {hb}/{len(questions)}, fine-tuned {ha}/{len(questions)}")
     print(f"held-out loss:   base {loss_before:.3f}, fine-tuned {loss_after:.3f}")
     print(f"adapter: {cfg.output}/adapter  (chat with it: fourbit chat --model {cfg.output})")
+    del tuned
+
+    print("\n== deployable model: merge into 16-bit, export GGUF, answer from the GGUF file", flush=True)
+    gguf_answers(cfg.output, questions[:4])
     print(f"total time {time.time() - t0:.0f}s")
     return 0
 

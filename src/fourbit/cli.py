@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--type", choices=["f16", "bf16", "q8_0"], default="bf16")
     eg.add_argument("--out", help="output .gguf file")
     eg.add_argument("--adapter-only", action="store_true", help="write a GGUF LoRA adapter instead of a whole model")
+    eg.add_argument("--model", help="base model of a run/adapter source, when its config does not name one that can be found")
     eg.set_defaults(fn=_export)
 
     d = sub.add_parser("data", help="data tools")

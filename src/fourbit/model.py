@@ -38,6 +38,13 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True                                   # unknown: say nothing rather than guess
+
+
 def _check_model_source(name: str, need: str = "config.json") -> None:
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, need)):
@@ -87,6 +94,10 @@ def load_base(name: str, quant: Optional[QuantConfig], device: torch.device, tru
     dtype = DTYPES[quant.compute_dtype]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise FourbitError("This GPU has no bfloat16 support. Set --quant.compute_dtype=float16.")
+    if device.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_fast_bf16():
+        import sys
+        print("note: this CPU has no native bfloat16 matmul (AVX512-BF16/AMX); --quant.compute_dtype=float32 "
+              "is likely faster here.", file=sys.stderr)
     try:
         mcfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:

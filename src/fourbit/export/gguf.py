@@ -189,7 +189,7 @@ def export_cmd(args: argparse.Namespace) -> int:
         find_adapter(args.source)  # a clear error for anything that is neither a model nor an adapter
         with tempfile.TemporaryDirectory(prefix="fourbit-merge-") as tmp:
             print(f"{args.source} is a run/adapter folder: merging it first (default base) into a temporary folder")
-            merge_adapter(args.source, os.path.join(tmp, "merged"))
+            merge_adapter(args.source, os.path.join(tmp, "merged"), model=getattr(args, "model", None))
             res = export_gguf(os.path.join(tmp, "merged"), out, args.type)
     print(f"wrote {res.path}: {res.arch}, {res.tensors} tensors, {args.type}, {res.bytes / 1e6:.1f} MB, "
           f"tokenizer {res.tokenizer}, eos {res.eos}, end-of-turn {res.eot}")
