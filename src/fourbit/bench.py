@@ -88,19 +88,21 @@ def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> di
 def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int, policy: str = "off",
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
-              lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True) -> dict:
+              lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
+              chunk: int = 0) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
         model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
         policy: checkpointing policy off | full | offload | auto.
         flat: all LoRA weights in one buffer (`lora.FlatLoRA`): one optimizer tensor, one clip norm.
+        group: q/k/v and gate/up as one GEMM each (`lora.LoRAGroup`); chunk: LM-head tokens per chunk (0: auto).
     Returns:
         dict: tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, loss (last step), losses,
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
-    from .lora import FlatLoRA, apply_lora, lora_parameters
+    from .lora import FlatLoRA, LoRAGroup, apply_lora, lora_parameters
     from .train.activations import apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
@@ -121,7 +123,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         loss_sum = 0.0
         for j in range(ga):
             rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
-            ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows})
+            ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows}, chunk=chunk)
             (ls / n_train).backward()
             loss_sum = loss_sum + ls.detach()          # summed on the device: one sync per step, at its end
         if fl:
@@ -134,11 +136,13 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             fl.zero_grad()
         return float(loss_sum) / n_train
 
+    LoRAGroup.enabled = group
     try:
         res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
         if profile_path:
             _profile(step, dev, profile_path)
     finally:
+        LoRAGroup.enabled = True
         remove_checkpointing(model)
         unfuse_layers(model)
         _unwrap_lora(model, names)
@@ -246,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|full|offload|auto (':noflat' = per-tensor optimizer), "
+                   help="comma list: fourbit policies off|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -302,9 +306,11 @@ def main(argv: list[str]) -> int:
             classic = res
         else:
             prof = f"{a.profile}/profile_{a.shape}_{run.replace(':', '_')}.txt" if a.profile else None
-            policy, _, opt = run.partition(":")          # e.g. off:noflat = round 1's per-tensor optimizer
+            policy, *opts = run.split(":")    # off:noflat / :nogroup / :chunk2048 = without one round-2 change
+            chunk = next((int(o[5:]) for o in opts if o.startswith("chunk")), 0)
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
-                            flat=not a.no_flat and opt != "noflat", **common)
+                            flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
+                            chunk=chunk, **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)

@@ -25,6 +25,7 @@ from .errors import FourbitError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FOURBIT_SIDECAR = "fourbit_adapter.json"   # our extras (quant settings, modules); PEFT warns on unknown keys
 PEFT_PREFIX = "base_model.model."
 
 
@@ -186,6 +187,8 @@ class LoRAGroup:
     Not a module: members keep their names, parameters and files.
     """
 
+    enabled = True                            # a switch for benchmarks (bench's ':nogroup' runs)
+
     def __init__(self, members: list):
         self.members = list(members)
         self.outs = [m.out_features for m in self.members]
@@ -193,7 +196,7 @@ class LoRAGroup:
 
     def applies(self, x: torch.Tensor) -> bool:
         ms = self.members
-        return (all(m.fast_path(x) and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in ms)
+        return (LoRAGroup.enabled and all(m.fast_path(x) and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in ms)
                 and len({m.scaling for m in ms}) == 1 and len({m.base_layer.weight.quant_state.dtype for m in ms}) == 1
                 and len({m.in_features for m in ms}) == 1)
 
@@ -387,7 +390,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(model: nn.Module, cfg: LoraConfig, base_name: str, quant: Optional[dict] = None) -> dict:
-    """adapter_config.json content in PEFT's schema (+ a `fourbit` section peft ignores)."""
+    """adapter_config.json content in PEFT's schema (fourbit's extras go to a sidecar file)."""
     names = [n for n, _ in lora_layers(model)]
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
@@ -395,8 +398,12 @@ def adapter_config(model: nn.Module, cfg: LoraConfig, base_name: str, quant: Opt
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
         "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-        "fourbit": {"version": 1, "modules": names, "quant": quant},
     }
+
+
+def fourbit_extras(model: nn.Module, quant: Optional[dict] = None) -> dict:
+    """What fourbit needs beyond PEFT's schema: the quantization the adapter was trained against."""
+    return {"version": 1, "modules": [n for n, _ in lora_layers(model)], "quant": quant}
 
 
 def save_adapter(model: nn.Module, out_dir: str, cfg: LoraConfig, base_name: str, quant: Optional[dict] = None) -> None:
@@ -406,9 +413,11 @@ def save_adapter(model: nn.Module, out_dir: str, cfg: LoraConfig, base_name: str
     save_file(adapter_state_dict(model), os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(adapter_config(model, cfg, base_name, quant), f, indent=2)
+    with open(os.path.join(out_dir, FOURBIT_SIDECAR), "w", encoding="utf-8") as f:
+        json.dump(fourbit_extras(model, quant), f, indent=2)
 
 
-def read_adapter_config(adapter_dir: str) -> dict:
+def read_adapter_config(adapter_dir: str, check_supported: bool = True) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise FourbitError(f"`{adapter_dir}` is not an adapter folder: {ADAPTER_CONFIG} is missing. Give the "
@@ -418,6 +427,15 @@ def read_adapter_config(adapter_dir: str) -> dict:
             acfg = json.load(f)
         except json.JSONDecodeError as e:
             raise FourbitError(f"{path} is not valid JSON: {e}") from None
+    extras = os.path.join(adapter_dir, FOURBIT_SIDECAR)
+    if os.path.isfile(extras) and "fourbit" not in acfg:
+        with open(extras, encoding="utf-8") as f:
+            try:
+                acfg["fourbit"] = json.load(f)
+            except json.JSONDecodeError as e:
+                raise FourbitError(f"{extras} is not valid JSON: {e}") from None
+    if not check_supported:
+        return acfg
     if acfg.get("peft_type", "LORA") != "LORA":
         raise FourbitError(f"{path}: peft_type {acfg.get('peft_type')!r} is not supported; fourbit reads LoRA adapters.")
     for key, bad in (("use_dora", True), ("bias", "all"), ("bias", "lora_only")):
