@@ -123,6 +123,9 @@ def test_adapter_files_are_peft_layout(tiny_model_dir, tmp_path):
     cfg = json.load(open(tmp_path / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["target_modules"] == ["q_proj"] and cfg["base_model_name_or_path"] == "base-model"
+    assert "fourbit" not in cfg                        # PEFT warns about keys it does not know
+    extras = json.load(open(tmp_path / "fourbit_adapter.json"))
+    assert extras["quant"] == {"bits": 4, "type": "nf4"} and len(extras["modules"]) == 2
     keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
     assert keys == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
                     "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
@@ -187,3 +190,21 @@ def test_materialize_4bit_keeps_outputs(tiny_model_dir, smol_tokenizer):
         out = model(input_ids=ids).logits
     assert not any(is_4bit(m) for m in model.modules())
     assert torch.equal(out, ref)
+
+
+def test_pickled_adapter_with_payload_is_refused(tiny_model_dir, tmp_path):
+    import pickle
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with open(tmp_path / "adapter_model.bin", "wb") as f:
+        pickle.dump({"w": Payload()}, f)
+    model = load_base(tiny_model_dir, QuantConfig(bits=None), CPU)
+    with pytest.raises(FourbitError) as e:
+        load_adapter(model, str(tmp_path))
+    assert "adapter_model.bin" in str(e.value)
+    assert not marker.exists()

@@ -453,6 +453,13 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
     acfg = read_adapter_config(adapter_dir)
     wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(wpath):
+        legacy = os.path.join(adapter_dir, "adapter_model.bin")
+        if os.path.isfile(legacy):
+            from .safety import check_no_pickle_payload
+            check_no_pickle_payload(legacy)           # a pickle that carries code is refused by name
+            raise FourbitError(f"{legacy} is a pickled PyTorch file; fourbit loads adapter weights only from "
+                               "safetensors. Convert it once where you trust it (peft: load, then save_pretrained "
+                               "with safe_serialization=True).")
         raise FourbitError(f"Adapter weights {wpath} not found (fourbit reads only safetensors, never pickled .bin files).")
     try:
         sd = load_file(wpath)

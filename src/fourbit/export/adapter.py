@@ -139,9 +139,9 @@ def load_adapter(source: str, model: Optional[str] = None) -> Adapter:
     """Read a run or adapter folder and resolve its base model (--model, run config, adapter_config)."""
     from safetensors.torch import load_file
 
+    from ..lora import read_adapter_config
     adapter_dir, run_dir, run_config = find_adapter(source)
-    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_adapter_config(adapter_dir, check_supported=False)  # + fourbit's sidecar (quant settings)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise FourbitError(f"`{adapter_dir}` is a {cfg.get('peft_type')} adapter; fourbit merges LoRA adapters only.")
     if cfg.get("use_dora"):
