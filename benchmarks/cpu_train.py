@@ -1,7 +1,8 @@
 """CPU training throughput: fourbit vs the classic peft + bitsandbytes recipe, side by side.
 
 SmolLM2-135M-Instruct (the demo model), seq 256 x batch 4, LoRA r=16 alpha=32 on all linear layers,
-AdamW, random token ids (all trainable). Each variant runs in its own subprocess (clean memory,
+AdamW (fourbit: its trainer's CPU path, one flat adapter buffer and torch's fused AdamW; peft: torch's
+AdamW as HF's Trainer uses it), random token ids (all trainable). Each variant runs in its own subprocess (clean memory,
 same threads) for `--steps` optimizer steps; tokens/s is the best of the steps after the first
 (as in shared/ANCHORS.md). Prints a table and one `RESULT {json}` line.
 
@@ -27,21 +28,24 @@ def run_variant(name: str, seq: int, bsz: int, steps: int, ckpt: bool, dropout: 
     ids = torch.randint(3, 49152, (bsz, seq), generator=torch.Generator().manual_seed(1))
     if name.startswith("fourbit"):
         from fourbit.config import LoraConfig, QuantConfig
-        from fourbit.lora import apply_lora, lora_parameters
+        from fourbit.lora import FlatLoRA, apply_lora
         from fourbit.model import load_base
-        from fourbit.train.loop import enable_activation_checkpointing
+        from fourbit.train.activations import apply_checkpointing
         from fourbit.train.loss import causal_lm_loss
         model = load_base(model_dir, QuantConfig(bits=4 if quant else None), torch.device("cpu"))
         apply_lora(model, LoraConfig(r=16, alpha=32, dropout=dropout))
-        if ckpt:
-            enable_activation_checkpointing(model)
+        apply_checkpointing(model, "full" if ckpt else "off", fuse=False)   # as `fourbit train` on CPU
         model.train()
-        params = lora_parameters(model)
+        flat = FlatLoRA(model)                        # as `fourbit train`: one buffer, fused AdamW
+        params = [flat.flat]
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
         def loss_fn():
             s, n = causal_lm_loss(model, batch)
             return s / n
+
+        def before_step():
+            flat.gather_grads()
     else:
         from peft import LoraConfig as PeftLora, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -64,14 +68,21 @@ def run_variant(name: str, seq: int, bsz: int, steps: int, ckpt: bool, dropout: 
         def loss_fn():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(input_ids=ids, labels=ids).loss
-    opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def before_step():
+            pass
+    fused = name.startswith("fourbit")                # what each stack's trainer uses on CPU by default
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        before_step()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if name.startswith("fourbit"):
+            flat.zero_grad()
         times.append(time.perf_counter() - t)
         losses.append(round(float(loss), 4))
     best = min(times[1:]) if len(times) > 1 else times[0]
