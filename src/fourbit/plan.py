@@ -7,7 +7,7 @@ The prediction is a sum of named terms (the breakdown the command prints):
     saved       activations autograd keeps for backward: every layer's (policy `off`), or each
                 layer's input plus one recomputed layer (`full`), or one layer's input on the GPU
                 with the rest in host memory (`offload`); per-token bytes in `layer_saved_bytes`
-    transient   the larger of the loss chunk (fp32 logits of 2048 tokens x vocab, twice while
+    transient   the larger of the loss chunk (fp32 logits of one loss chunk x vocab, twice while
                 logsumexp runs) and one layer's backward (MLP gradients + one dequantized weight)
     runtime     CUDA: cuBLAS workspaces and allocator slack (inside the caching allocator) and the
                 CUDA context (outside it); CPU: the Python + torch + transformers process itself.
@@ -37,7 +37,6 @@ from .plan_model import ModelSpec, lora_targets, model_spec, nf4_bytes
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-LOSS_CHUNK = 2048              # rows per chunk of the LM-head loss (train/loss.py)
 PAGED_MIN_NUMEL = 100_000      # bitsandbytes pages optimizer state of tensors at least this large
 CUDA_RUNTIME = 64 * MiB        # cuBLAS / cuBLASLt workspaces, allocated through torch's allocator
 CUDA_CONTEXT = 750 * MiB       # CUDA context + libraries, outside torch's allocator (H200, torch 2.11: 0.75 GiB)
@@ -214,7 +213,8 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
                    f" checkpointing `{policy}`)", int(inputs + top))
         recompute = one_layer
     n_loss = mb * (T - 1)
-    chunk = min(LOSS_CHUNK, n_loss)
+    from .kernels.lm_loss import chunk_tokens
+    chunk = min(chunk_tokens(spec.vocab), n_loss)                  # as train/loss.py picks it
     loss_tr = 8 * chunk * spec.vocab + 2 * d * spec.hidden * tok        # fp32 logits + logsumexp temp; hidden copies
     bwd_tr = recompute + d * _largest_linear(spec) + tok * (3 * d * spec.intermediate + 2 * d * spec.hidden)
     if loss_tr >= bwd_tr:
