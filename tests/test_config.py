@@ -22,6 +22,12 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.quant.type == "nf4" and cfg.quant.double_quant and cfg.train.optimizer == "paged_adamw_32bit"
 
 
+def test_bare_off_in_yaml_is_the_word_off(tmp_path):
+    cfg = load_config(_write(tmp_path, "model: m\ntrain: {checkpointing_policy: off}\n"))
+    assert cfg.train.checkpointing_policy == "off"
+    assert load_config(None, ["--train.checkpointing_policy=off"], base={"model": "m"}).train.checkpointing_policy == "off"
+
+
 def test_issue_example_config_parses(tmp_path):
     path = _write(tmp_path, """
 model: HuggingFaceTB/SmolLM2-135M-Instruct

@@ -194,6 +194,10 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
                       f"Fix it in the YAML file or with --{where}=VALUE.")
     if origin is Literal:
         choices = typing.get_args(t)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/no/on/yes as a boolean
+            for word in (("off", "no", "false") if value is False else ("on", "yes", "true")):
+                if word in choices:
+                    return word
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
