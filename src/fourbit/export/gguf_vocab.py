@@ -99,7 +99,12 @@ def _sp_vocab_from_json(tj: dict, n: int, unk: Optional[str]) -> tuple[list[str]
 
 
 def _sp_vocab_from_model(path: str, tj: Optional[dict], n: int) -> tuple[list[str], list[int], list[float]]:
-    import sentencepiece as spm
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        from ..errors import FourbitError
+        raise FourbitError(f"{path} is a SentencePiece model; reading it needs the `sentencepiece` package: "
+                           "pip install sentencepiece") from None
     sp = spm.SentencePieceProcessor(model_file=path)
     tokens, types, scores = [f"[PAD{i}]" for i in range(n)], [T.UNUSED] * n, [-1000.0] * n
     for i in range(sp.vocab_size()):
