@@ -90,11 +90,15 @@ class FastDropout(nn.Module):
             return x
         if x.is_cuda:
             return F.dropout(x, self.p, True)
+        return self.zero_dropped(x) * self.scale
+
+    def zero_dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the dropped elements zeroed but NOT rescaled (one pass; the caller folds `scale` into
+        the next weight, which is exact in real arithmetic and saves a pass forward and backward)."""
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
         u = words.view(torch.int16)[:n].view(x.shape)            # uniform on [-32768, 32767]
-        keep = u >= (self.threshold - 32768)
-        return torch.where(keep, x * self.scale, 0.0).to(x.dtype)
+        return x.masked_fill(u < (self.threshold - 32768), 0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -167,9 +171,14 @@ class LoRALinear(nn.Module):
             return lora_nf4_linear(x, xd, self.lora_A.weight, self.lora_B.weight, base.weight.data,
                                    self._nf4_state(), self.scaling)
         y = self.base_forward(x)                                              # (..., out)
-        a = self.lora_A.weight.to(x.dtype)                                   # (r, in)
+        drop = self.lora_dropout
+        if isinstance(drop, FastDropout) and drop.training and not x.is_cuda:
+            xd = drop.zero_dropped(x)                                        # CPU: mask only, one pass
+            a = (self.lora_A.weight * drop.scale).to(x.dtype)                # (r, in), 1/(1-p) folded in
+        else:
+            xd, a = drop(x), self.lora_A.weight.to(x.dtype)
         b = (self.lora_B.weight * self.scaling).to(x.dtype)                  # (out, r), scaling folded in
-        h = F.linear(self.lora_dropout(x), a)                                # (..., r)
+        h = F.linear(xd, a)                                                  # (..., r)
         return y + F.linear(h, b)
 
     def extra_repr(self) -> str:
