@@ -154,3 +154,15 @@ def test_check_fits_gate(tmp_path, monkeypatch):
     assert rep.fits is False
     monkeypatch.setenv("FOURBIT_MEMORY", "64GiB")
     assert check_fits(cfg, force=False, device="cpu").fits
+
+
+def test_auto_policy_on_cpu_recomputes_only_when_memory_is_short():
+    from fourbit.plan import plan
+    cfg = load_config(None, base={"model": "shape:smollm2-135m", "data": {"max_length": 1024},
+                                  "train": {"micro_batch_size": 4, "device": "cpu", "grad_checkpointing": True,
+                                            "checkpointing_policy": "auto"}})
+    roomy = plan(cfg, memory="64GiB", device="cpu")
+    assert roomy.policy == "off"                       # RAM to spare: no recompute, ~30% faster
+    off_total = estimate(cfg, model_spec(cfg.model), "cpu", policy="off").total
+    tight = plan(cfg, memory=str(int(1.5 * off_total)), device="cpu")
+    assert tight.policy == "full"                      # `off` must fit twice over on CPU

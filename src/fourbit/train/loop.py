@@ -122,8 +122,11 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
-def prepare_run(cfg: Config) -> Run:
-    """Load data, model and LoRA; build optimizer, schedule and the micro-batch plan."""
+def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
+    """Load data, model and LoRA; build optimizer, schedule and the micro-batch plan.
+
+    policy: the checkpointing policy the memory plan chose (for `auto`); None takes the config's.
+    """
     from ..data import build_examples, collate, pack_examples
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads > 0:
@@ -154,8 +157,11 @@ def prepare_run(cfg: Config) -> Run:
     from .activations import apply_checkpointing
     # fused norms / SwiGLU / grouped q,k,v and gate,up are the CUDA fast path (same math within bf16
     # rounding); the CPU keeps transformers' modules, which are faster there
-    apply_checkpointing(model, cfg.train.checkpointing_policy if cfg.train.grad_checkpointing else "off",
-                        tokens=cfg.train.micro_batch_size * cfg.data.max_length, fuse=device.type == "cuda")
+    policy = (policy or cfg.train.checkpointing_policy) if cfg.train.grad_checkpointing else "off"
+    chosen = apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
+                                 fuse=device.type == "cuda")
+    if cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto":
+        print(f"activation checkpointing: `{chosen}` (checkpointing_policy auto, from the memory plan)", flush=True)
     model.train()
     print(f"LoRA on {len(names)} modules; {describe_parameters(model)}", flush=True)
     # one buffer for all adapters: one optimizer tensor and one norm instead of 2 per layer (exact for
@@ -286,11 +292,11 @@ def run_training(cfg: Config, resume: bool = False, force: bool = False) -> str:
     """
     from ..plan import check_fits
     os.makedirs(cfg.output, exist_ok=True)
-    check_fits(cfg, force=force, device=resolve_device(cfg.train.device))   # refuse before the slow load
+    planned = check_fits(cfg, force=force, device=resolve_device(cfg.train.device))  # refuse before the slow load
     ck_path = checkpoint_to_resume(cfg, "always" if resume else cfg.train.resume)
     ck = load_checkpoint(ck_path) if ck_path else None           # fail on a broken one before the slow load
     dump_config(cfg, os.path.join(cfg.output, "config.yaml"))
-    run = prepare_run(cfg)
+    run = prepare_run(cfg, policy=planned.policy)
     fp = run_fingerprint(run)
     state, pos0 = TrainerState(), 0
     if ck is not None:
