@@ -178,7 +178,8 @@ def test_fast_dropout_rate_and_determinism():
 
 
 def test_materialize_4bit_keeps_outputs(tiny_model_dir, smol_tokenizer):
-    from fourbit.lora import is_4bit, materialize_4bit
+    from fourbit.infer import materialize_4bit
+    from fourbit.lora import is_4bit
     model = load_base(tiny_model_dir, QuantConfig(bits=4), CPU)
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"))
     _randomize_b(model)

@@ -62,11 +62,40 @@ def load_for_inference(model: str, adapter: Optional[str] = None, quant: str = "
     if dev.type == "cpu" and qcfg.bits == 4:
         # per-token dequantization dominates CPU generation; the dequantized weights are the exact
         # values the 4-bit forward uses, so answers are unchanged
-        from .lora import materialize_4bit
         materialize_4bit(m)
     m.eval()
     m.config.use_cache = True
     return m, tok
+
+
+def materialize_4bit(model: "torch.nn.Module") -> int:
+    """Replace every 4-bit base weight by its dequantized 16-bit copy, for fast CPU inference.
+
+    The values are exactly those the 4-bit forward computes (dequantization is deterministic), so
+    outputs do not change; only memory (16-bit instead of 4-bit) and speed (no per-token
+    dequantization) do. Returns the number of layers converted.
+    """
+    import torch.nn as nn
+
+    from .lora import LoRALinear, _set_module, dequantize, is_4bit
+    n = 0
+    for name, m in list(model.named_modules()):
+        if name.endswith(".base_layer") or not is_4bit(m.base_layer if isinstance(m, LoRALinear) else m):
+            continue                                      # a LoRALinear's base is handled with its owner
+        target = m.base_layer if isinstance(m, LoRALinear) else m
+        dense = nn.Linear(target.in_features, target.out_features, bias=target.bias is not None,
+                          device=target.weight.device, dtype=target.compute_dtype or torch.bfloat16)
+        with torch.no_grad():
+            dense.weight.copy_(dequantize(target))
+            if target.bias is not None:
+                dense.bias.copy_(target.bias)
+        dense.requires_grad_(False)
+        if isinstance(m, LoRALinear):
+            m.base_layer = dense
+        else:
+            _set_module(model, name, dense)
+        n += 1
+    return n
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:

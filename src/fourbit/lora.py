@@ -282,33 +282,6 @@ class FlatLoRA:
         self.flat.grad = None
 
 
-def materialize_4bit(model: nn.Module) -> int:
-    """Replace every 4-bit base weight by its dequantized 16-bit copy, for fast CPU inference.
-
-    The values are exactly those the 4-bit forward computes (dequantization is deterministic), so
-    outputs do not change; only memory (16-bit instead of 4-bit) and speed (no per-token
-    dequantization) do. Returns the number of layers converted.
-    """
-    n = 0
-    for name, m in list(model.named_modules()):
-        if name.endswith(".base_layer") or not is_4bit(m.base_layer if isinstance(m, LoRALinear) else m):
-            continue                                      # a LoRALinear's base is handled with its owner
-        target = m.base_layer if isinstance(m, LoRALinear) else m
-        dense = nn.Linear(target.in_features, target.out_features, bias=target.bias is not None,
-                          device=target.weight.device, dtype=target.compute_dtype or torch.bfloat16)
-        with torch.no_grad():
-            dense.weight.copy_(dequantize(target))
-            if target.bias is not None:
-                dense.bias.copy_(target.bias)
-        dense.requires_grad_(False)
-        if isinstance(m, LoRALinear):
-            m.base_layer = dense
-        else:
-            _set_module(model, name, dense)
-        n += 1
-    return n
-
-
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """Dotted names of the linear layers LoRA may target (everything but the output embedding)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
