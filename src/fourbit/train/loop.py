@@ -112,16 +112,6 @@ def _zero_grad(run: "Run") -> None:
         run.flat.zero_grad()                          # the per-layer gradients autograd accumulated
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute decoder layers in backward. transformers 5.2x renamed the method (the old name warns);
-    earlier 5.x only has the old one."""
-    kw = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-
-
 def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
     """Load data, model and LoRA; build optimizer, schedule and the micro-batch plan.
 

@@ -14,14 +14,6 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight^T, labels_i), computed over row chunks; fp32 logits exist one chunk at a time.
-    chunk: tokens per chunk; 0 = `kernels.lm_loss.chunk_tokens(V)` (512 MiB of chunk buffers)."""
-    from ..kernels.lm_loss import chunk_tokens, lm_head_loss
-    loss, _ = lm_head_loss(hidden, weight, labels, chunk_size=chunk or chunk_tokens(weight.shape[0]), reduction="sum")
-    return loss
-
-
 def decoder_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -31,7 +23,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch
 
     One host sync (the positions that carry a label, taken before the decoder runs, so the GPU is
     not left waiting mid-step); the hidden states are never gathered into a copy: the LM-head loss
-    reads the trainable rows of the decoder output in place. chunk: see `chunked_ce_sum`.
+    reads the trainable rows of the decoder output in place.
+    chunk: tokens per LM-head chunk; 0 = `kernels.lm_loss.chunk_tokens(V)` (512 MiB of chunk buffers).
     """
     labels = batch["labels"][:, 1:]                                   # (B, T-1): token t+1 is predicted at t
     T = batch["labels"].shape[1]
