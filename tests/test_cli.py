@@ -43,3 +43,12 @@ def test_help_lists_commands():
     r = _run("--help")
     for cmd in ("train", "generate", "chat", "merge", "export", "data", "plan"):
         assert cmd in r.stdout
+
+
+def test_multi_process_launch_is_refused(tmp_path, tiny_model_dir):
+    import os
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ndata: {{train: {tmp_path / 'd.jsonl'}}}\noutput: {tmp_path / 'run'}\n")
+    r = subprocess.run([sys.executable, "-m", "fourbit", "train", str(cfg)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert r.returncode == 2 and "WORLD_SIZE=2" in r.stderr and "Traceback" not in r.stderr

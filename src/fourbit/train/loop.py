@@ -281,6 +281,11 @@ def run_training(cfg: Config, resume: bool = False, force: bool = False) -> str:
         guards.Preempted (a SystemExit with code 143 / 130) after SIGTERM / SIGINT and its checkpoint.
     """
     from ..plan import check_fits
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise FourbitError(f"fourbit train was started as {world} processes (torchrun / WORLD_SIZE={world}); "
+                           "several GPUs are not supported yet, and each process would train its own copy "
+                           "without synchronising gradients. Start one process: fourbit train CONFIG.yaml.")
     os.makedirs(cfg.output, exist_ok=True)
     planned = check_fits(cfg, force=force, device=resolve_device(cfg.train.device))  # refuse before the slow load
     ck_path = checkpoint_to_resume(cfg, "always" if resume else cfg.train.resume)
