@@ -71,12 +71,11 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
     import torch
     from fourbit.model import quiet_bitsandbytes
     from fourbit.plan_calibrate import random_nf4_model, zero_step, one_step, prepare
-    from fourbit.shapes import shape_config
     quiet_bitsandbytes()
     device = torch.device(device_name)
     rss_imports = _vm("VmRSS")
     t0 = time.perf_counter()
-    model = random_nf4_model(shape_config(shape), device)
+    model = random_nf4_model(shape, device)
     build_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -32,7 +32,7 @@ def test_nf4_bytes_match_bitsandbytes(shape, dq, bs):
 
 def _small_model(**over):
     from fourbit.plan_calibrate import random_nf4_model
-    return random_nf4_model(shape_config("tiny", **dict(SMALL, **over)), torch.device("cpu"))
+    return random_nf4_model("tiny", torch.device("cpu"), overrides=dict(SMALL, **over))
 
 
 def _cfg(model="shape:tiny", *extra):

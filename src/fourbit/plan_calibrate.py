@@ -10,65 +10,29 @@ exists in 16 bits (the same method as fourbit.shapes, which the throughput bench
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 
-def random_nf4_model(mcfg, device: torch.device, seed: int = 0, quant: bool = True):
-    """A frozen LlamaForCausalLM-like model of transformers config `mcfg`, NF4 + double quant, random weights."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
-    mcfg._attn_implementation = "sdpa"
-    mcfg.use_cache = False
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16)
-    head = model.get_output_embeddings()
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def draw(shape):
-        return (torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen) * 0.02)
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and mod is not head:
-            w = draw((mod.out_features, mod.in_features))
-            if quant:
-                new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                        compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
-                                        device="meta")
-                new.weight = bnb.nn.Params4bit(w, requires_grad=False, **new.weight.__dict__).to(device)
-            else:
-                new = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
-                new.weight = nn.Parameter(w, requires_grad=False)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            del w
-    for mname, mod in list(model.named_modules()):
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if p.device.type == "meta":
-                t = torch.ones(p.shape, dtype=torch.bfloat16, device=device) if "norm" in mname else draw(p.shape)
-                setattr(mod, pname, nn.Parameter(t, requires_grad=False))
-        if any(b.device.type == "meta" for b in mod.buffers(recurse=False)):   # rotary inv_freq
-            with torch.device(device):
-                fresh = type(mod)(config=mcfg)
-            for bname, b in fresh.named_buffers(recurse=False):
-                setattr(mod, bname, b)
-    if getattr(mcfg, "tie_word_embeddings", False):
-        model.lm_head.weight = model.get_input_embeddings().weight
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    if left:
-        raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
-    model.train()
-    return model
+def random_nf4_model(shape: str, device: torch.device, seed: int = 0, overrides: dict | None = None):
+    """A frozen random model of a named shape, NF4 + double quant, built layer by layer on `device`
+    (`fourbit.shapes.build_random_model`, the same builder the throughput benchmark uses)."""
+    from .shapes import build_random_model
+    return build_random_model(shape, device, seed=seed, config_overrides=overrides)
 
 
 def prepare(model, cfg, policy: str) -> dict:
-    """LoRA (once per model), checkpointing per `policy`, a fresh optimizer: what `prepare_run` does."""
+    """LoRA (once per model), checkpointing per `policy`, a fresh optimizer over the per-layer tensors.
+
+    This is the training step the memory table in benchmarks/RESULTS.md was measured on; `prepare_run`
+    has since moved to one flat adapter buffer and fuses layers on CUDA only, which this does not
+    mirror yet.
+    """
     from .lora import LoRALinear, apply_lora, lora_parameters
     from .train.activations import apply_checkpointing
     from .train.loop import _build_optimizer
     device = next(p for p in model.parameters()).device
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    apply_checkpointing(model, policy)            # what prepare_run does (off / full / offload)
+    apply_checkpointing(model, policy)            # off / full / offload, with apply_checkpointing's fusion
     model.train()
     params = lora_parameters(model)
     for p in params:
