@@ -21,7 +21,8 @@ import time
 VARIANTS = ("fourbit-nf4", "fourbit-bf16", "peft-nf4", "peft-bf16")
 
 
-def run_variant(name: str, seq: int, bsz: int, steps: int, ckpt: bool, dropout: float, model_dir: str) -> dict:
+def run_variant(name: str, seq: int, bsz: int, steps: int, ckpt: bool, dropout: float, model_dir: str,
+                policy: str = "full") -> dict:
     import torch
     torch.manual_seed(0)
     quant = name.endswith("nf4")
@@ -34,7 +35,7 @@ def run_variant(name: str, seq: int, bsz: int, steps: int, ckpt: bool, dropout: 
         from fourbit.train.loss import causal_lm_loss
         model = load_base(model_dir, QuantConfig(bits=4 if quant else None), torch.device("cpu"))
         apply_lora(model, LoraConfig(r=16, alpha=32, dropout=dropout))
-        apply_checkpointing(model, "full" if ckpt else "off", fuse=False)   # as `fourbit train` on CPU
+        apply_checkpointing(model, policy if ckpt else "off", fuse=False)   # as `fourbit train` on CPU
         model.train()
         flat = FlatLoRA(model)                        # as `fourbit train`: one buffer, fused AdamW
         params = [flat.flat]
@@ -97,12 +98,13 @@ def main() -> None:
     p.add_argument("--bsz", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--ckpt", type=int, default=1)
+    p.add_argument("--policy", default="full", help="fourbit's checkpointing policy when --ckpt 1 (full | selective)")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--model", default=None, help="model folder (default: the demo SmolLM2-135M-Instruct)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        res = run_variant(a.child, a.seq, a.bsz, a.steps, bool(a.ckpt), a.dropout, a.model)
+        res = run_variant(a.child, a.seq, a.bsz, a.steps, bool(a.ckpt), a.dropout, a.model, a.policy)
         print("CHILD " + json.dumps(res), flush=True)
         return
     if a.model is None:
@@ -111,7 +113,8 @@ def main() -> None:
     rows = []
     for v in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", v, "--seq", str(a.seq), "--bsz", str(a.bsz), "--steps",
-               str(a.steps), "--ckpt", str(a.ckpt), "--dropout", str(a.dropout), "--model", a.model]
+               str(a.steps), "--ckpt", str(a.ckpt), "--dropout", str(a.dropout), "--model", a.model,
+               "--policy", a.policy]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("CHILD ")]
         if not line:

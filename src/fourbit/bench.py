@@ -89,27 +89,30 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
-              chunk: int = 0) -> dict:
+              chunk: int = 0, split: bool = True, rope: bool = True) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
         model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
-        policy: checkpointing policy off | full | offload | auto.
+        policy: checkpointing policy off | selective | full | offload | auto.
         flat: all LoRA weights in one buffer (`lora.FlatLoRA`): one optimizer tensor, one clip norm.
         group: q/k/v and gate/up as one GEMM each (`lora.LoRAGroup`); chunk: LM-head tokens per chunk (0: auto).
+        split: selective/offload recompute branch by branch; rope: the fused RoPE attention forward
+            (`train.activations.Switches`; False undoes the round-3 change for an ablation row).
     Returns:
         dict: tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, loss (last step), losses,
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
     from .lora import FlatLoRA, LoRAGroup, apply_lora, lora_parameters
-    from .train.activations import apply_checkpointing, remove_checkpointing, unfuse_layers
+    from .train.activations import Switches, apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
     seq = ids.shape[1]
     _reset_memory(dev)
     names = apply_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=TARGETS), seed=lora_seed)
     budget = int(budget_gib * GIB) if budget_gib else None
+    Switches.split, Switches.rope = split, rope
     chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
     model.train()
     fl = FlatLoRA(model) if flat else None
@@ -143,6 +146,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             _profile(step, dev, profile_path)
     finally:
         LoRAGroup.enabled = True
+        Switches.split = Switches.rope = True
         remove_checkpointing(model)
         unfuse_layers(model)
         _unwrap_lora(model, names)
@@ -150,7 +154,9 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     res.update(_memory(dev))
     cfg = model.config
     res["mfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, False) / (peak_tflops * 1e12), 4)
-    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen != "off") / (peak_tflops * 1e12), 4)
+    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen != "off",
+                                                            split and chosen in ("selective", "offload"))
+                       / (peak_tflops * 1e12), 4)
     res.update(system="fourbit", policy=chosen)
     return res
 
@@ -250,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope a round-3 one), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -310,7 +316,7 @@ def main(argv: list[str]) -> int:
             chunk = next((int(o[5:]) for o in opts if o.startswith("chunk")), 0)
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
                             flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
-                            chunk=chunk, **common)
+                            chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts, **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)

@@ -68,6 +68,23 @@ class _Frozen4bitMatmul(torch.autograd.Function):
         return gy @ w, None                              # (..., in)
 
 
+class _FrozenBackwardOnly(torch.autograd.Function):
+    """The frozen base matmul without its forward: returns an uninitialised (..., out) tensor and, in
+    backward, dx = gy @ W. For recomputes whose output value is never read (see `LoRALinear`)."""
+
+    @staticmethod
+    def forward(ctx, x, base: nn.Module):
+        ctx.base = base
+        return x.new_empty((*x.shape[:-1], base.out_features))
+
+    @staticmethod
+    def backward(ctx, gy):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w = dequantize(ctx.base).to(gy.dtype)          # (out, in)
+        return gy @ w, None
+
+
 class FastDropout(nn.Module):
     """Inverted dropout whose CPU mask costs a quarter of the random draws of nn.Dropout.
 
@@ -158,6 +175,9 @@ class LoRALinear(nn.Module):
         return x.is_cuda and is_4bit(base) and getattr(base, "bias", None) is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `_fourbit_no_forward` (set by train.activations' split recompute on o_proj / down_proj): the
+        # output is only a handle for backward, so the frozen base GEMM is skipped (values undefined).
+        no_fwd = self.__dict__.get("_fourbit_no_forward", False) and torch.is_grad_enabled()
         grp = self.__dict__.get("_fourbit_group")
         if grp is not None:                   # q/k/v on one input: the first call computes all three
             y = grp.member_forward(self, x)
@@ -169,8 +189,8 @@ class LoRALinear(nn.Module):
             from .kernels.lora_fn import lora_nf4_linear
             xd = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
             return lora_nf4_linear(x, xd, self.lora_A.weight, self.lora_B.weight, base.weight.data,
-                                   self._nf4_state(), self.scaling)
-        y = self.base_forward(x)                                              # (..., out)
+                                   self._nf4_state(), self.scaling, compute_y=not no_fwd)
+        y = _FrozenBackwardOnly.apply(x, base) if no_fwd else self.base_forward(x)   # (..., out)
         drop = self.lora_dropout
         if isinstance(drop, FastDropout) and drop.training and not x.is_cuda:
             xd = drop.zero_dropped(x)                                        # CPU: mask only, one pass

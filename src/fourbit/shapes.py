@@ -52,12 +52,14 @@ def shape_config(shape: str, **overrides):
     return LlamaConfig(**kw)
 
 
-def flops_per_token(cfg, seq: int, r: int, recompute: bool) -> float:
+def flops_per_token(cfg, seq: int, r: int, recompute: bool, split: bool = False) -> float:
     """FLOPs per trained token as in ANCHORS.md (frozen base, LoRA on the seven projections).
 
     N_w = linear params of the decoder + LM head, A = causal attention forward FLOPs per token
     (2 * seq * d_attn per layer: QK^T and PV over seq/2 keys on average), N_L = LoRA params:
-    no recompute: 4 N_w + 3.5 A + 6 N_L;  full per-layer recompute: 6 N_w - 2 N_head + 4.5 A + 8 N_L.
+    no recompute: 4 N_w + 3.5 A + 6 N_L;  full per-layer recompute: 6 N_w - 2 N_head + 4.5 A + 8 N_L;
+    split recompute (selective/offload, `train.activations`): also - 2 N_out, the o_proj and down_proj
+    weights whose forward is not run again.
     """
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
@@ -68,7 +70,8 @@ def flops_per_token(cfg, seq: int, r: int, recompute: bool) -> float:
     a = L * 2 * seq * q
     n_l = L * r * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
     if recompute:
-        return 6 * n_w - 2 * n_head + 4.5 * a + 8 * n_l
+        n_out = L * (q * H + I * H)
+        return 6 * n_w - 2 * n_head - (2 * n_out if split else 0) + 4.5 * a + 8 * n_l
     return 4 * n_w + 3.5 * a + 6 * n_l
 
 

@@ -47,19 +47,22 @@ class LoRANF4Function(torch.autograd.Function):
     """Frozen NF4 base + LoRA in one node. Inputs: x, xd (or None), A, B (fp32 params), packed, state, s."""
 
     @staticmethod
-    def forward(ctx, x, xd, A, B, packed, state: NF4State, scaling: float):
+    def forward(ctx, x, xd, A, B, packed, state: NF4State, scaling: float, compute_y: bool = True):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])              # (N, in)
         a = A.to(x.dtype)                                                   # (r, in)
-        b = (B * scaling).to(x.dtype)                                       # (out, r)
-        w = dequantize_nf4_fast(packed, state)                              # (out, in)
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
         h = xd2 @ a.t()                                                     # (N, r)
-        y = x2 @ w.t()                                                      # (N, out)
-        y.addmm_(h, b.t())                                                  # y += h b^T, in the GEMM epilogue
-        del w
+        if compute_y:
+            b = (B * scaling).to(x.dtype)                                   # (out, r)
+            w = dequantize_nf4_fast(packed, state)                          # (out, in)
+            if w.dtype != x.dtype:
+                w = w.to(x.dtype)
+            y = x2 @ w.t()                                                  # (N, out)
+            y.addmm_(h, b.t())                                              # y += h b^T, in the GEMM epilogue
+            del w
+        else:                          # a recompute whose output is never read: backward only (see docstring)
+            y = x2.new_empty((x2.shape[0], B.shape[0]))
         ctx.save_for_backward(xd2, h, A, B)
         ctx.packed, ctx.state, ctx.scaling = packed, state, scaling
         ctx.has_xd = xd is not None
@@ -91,12 +94,16 @@ class LoRANF4Function(torch.autograd.Function):
             dA = (gh.t() @ xd2).float()                                     # (r, in)
         if need_b:
             dB = (gy2.t() @ h).float().mul_(ctx.scaling)                    # (out, r)
-        return dx, dxd, dA, dB, None, None, None
+        return dx, dxd, dA, dB, None, None, None, None
 
 
 def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
-                    packed: torch.Tensor, state: NF4State, scaling: float) -> torch.Tensor:
+                    packed: torch.Tensor, state: NF4State, scaling: float, compute_y: bool = True) -> torch.Tensor:
     """Frozen NF4 linear + LoRA, one autograd node. xd: dropout(x), or None when dropout is 0.
+
+    compute_y=False: the forward skips the base GEMM and returns an uninitialised tensor of the
+    output's shape; backward is unchanged (it never reads y). For a recompute whose output only
+    carries a gradient back (`train.activations`' split recompute of o_proj and down_proj).
 
     Args:
         x: (..., in) activations (bf16 on the GPU).
@@ -105,7 +112,7 @@ def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor
     Returns:
         (..., out) in x's dtype.
     """
-    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling)
+    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling, compute_y)
 
 
 def reference_weight(packed: torch.Tensor, state: NF4State) -> torch.Tensor:

@@ -1,11 +1,17 @@
-"""Activation checkpointing as a policy over the decoder layers: off, full, offload, or auto.
+"""Activation checkpointing as a policy over the decoder layers: off, selective, full, offload, or auto.
 
 - off: autograd keeps every layer's activations (fastest; memory grows with layers x tokens).
-- full: each decoder layer runs under `torch.utils.checkpoint` (non-reentrant); only its inputs
-  stay on the GPU and the layer is recomputed in backward (about +1/3 of the step's FLOPs).
-- offload: as full, but the layer input (the residual stream, (B, T, H)) is copied to pinned CPU
-  memory on a side stream as soon as the layer has run, and copied back one layer ahead in backward,
-  so GPU memory no longer grows with the number of layers.
+- full: each decoder layer runs under `torch.utils.checkpoint` (non-reentrant); only its input
+  stays on the device and the whole layer is recomputed in backward (about +1/3 of the step's FLOPs).
+- selective: Llama-style layers (`SPLIT_LAYERS`) keep two tensors, the layer input x and the
+  residual after attention h = x + attn(norm1(x)), and backward recomputes each branch on its own:
+  the MLP branch from h, then the attention branch from x. The two output projections (o_proj,
+  down_proj) are not run again: their outputs only carry a gradient back, and their backward needs
+  only their input (`LoRALinear`'s `_fourbit_no_forward`). That skips about a third of the
+  recompute GEMM FLOPs, and only one branch's activations are alive at a time. Other layers: `full`.
+- offload: as selective, with x and h copied to pinned CPU memory on a side stream as soon as they
+  exist and fetched back one tensor ahead in backward, so device memory no longer grows with the
+  number of layers. On CPU there is nothing to move: offload is selective.
 - auto: the fastest policy whose predicted peak fits the memory budget (`choose_policy`).
 
 Layers are wrapped per instance (each layer's `forward` is replaced on that object only), so the
@@ -13,13 +19,18 @@ module tree, parameter names and adapter files are unchanged and no library clas
 """
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-POLICIES = ("off", "full", "offload")
+POLICIES = ("off", "selective", "full", "offload")
+# decoder layers whose forward is exactly h = x + self_attn(input_layernorm(x))[0];
+# out = h + mlp(post_attention_layernorm(h)) (read in transformers 5.17 and 5.24)
+SPLIT_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -40,8 +51,13 @@ def layer_activation_bytes(cfg, tokens: int, bytes_per: int = 2) -> int:
     return tokens * bytes_per * (8 * h + 4 * i)
 
 
-def choose_policy(cfg, tokens: int, budget_bytes: int, resident_bytes: int, workspace_bytes: int = 0) -> str:
-    """The fastest policy whose predicted peak fits `budget_bytes`.
+def choose_policy(cfg, tokens: int, budget_bytes: int, resident_bytes: int, workspace_bytes: int = 0,
+                  device: str = "cuda") -> str:
+    """The fastest policy whose predicted peak fits `budget_bytes` (a rough rule for direct callers of
+    `apply_checkpointing(policy="auto")`; `fourbit train` resolves auto with `fourbit.plan`).
+
+    Order: off, selective (two hidden-size tensors per layer kept), then offload on CUDA (nothing per
+    layer kept on the device) or full on CPU (one per layer).
 
     Args:
         cfg: the model config (hidden_size, intermediate_size, num_hidden_layers).
@@ -55,90 +71,209 @@ def choose_policy(cfg, tokens: int, budget_bytes: int, resident_bytes: int, work
     base = resident_bytes + workspace_bytes
     if base + layers * one <= budget_bytes:
         return "off"
-    if base + layers * inputs + one <= budget_bytes:
-        return "full"
-    return "offload"
+    if base + 2 * layers * inputs + one <= budget_bytes:
+        return "selective"
+    return "offload" if device == "cuda" else "full"
+
+
+class _Keep:
+    """Saved tensors kept where they are (selective; offload on CPU, where host memory is the device's).
+    `save` returns the handle `load` takes (here the tensor itself)."""
+
+    def save(self, key, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def load(self, handle: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return handle
 
 
 class _Offloader:
-    """Moves layer inputs to pinned CPU buffers (reused across steps) and back, one layer ahead."""
+    """Moves saved tensors to pinned CPU buffers (reused across steps) and back, one tensor ahead.
+
+    Keys are saved in forward order and loaded in reverse, so each load prefetches the key saved
+    just before it (the next one backward needs)."""
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
-        self.cpu: dict[int, torch.Tensor] = {}
-        self.ready: dict[int, torch.cuda.Event] = {}
-        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.cpu: dict = {}
+        self.ready: dict = {}
+        self.prefetched: dict = {}
+        self.prev: dict = {}                       # key -> the key saved before it
+        self._last = None
 
-    def save(self, idx: int, t: torch.Tensor) -> None:
-        buf = self.cpu.get(idx)
+    def save(self, key, t: torch.Tensor):
+        """Start the copy of t to host memory; returns the handle for `load` (the key)."""
+        buf = self.cpu.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.cpu[idx] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf = self.cpu[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(t.device))   # t is ready
         with torch.cuda.stream(self.stream):
             buf.copy_(t, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         t.record_stream(self.stream)                                    # not reused before the copy ends
-        self.ready[idx] = ev
+        self.ready[key] = ev
+        if key != self._last:
+            self.prev[key] = self._last
+        self._last = key
+        return key
 
-    def _fetch(self, idx: int, device: torch.device):
+    def _fetch(self, key, device: torch.device):
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.ready[idx])
-            g = torch.empty(self.cpu[idx].shape, dtype=self.cpu[idx].dtype, device=device)
-            g.copy_(self.cpu[idx], non_blocking=True)
+            self.stream.wait_event(self.ready[key])
+            g = torch.empty(self.cpu[key].shape, dtype=self.cpu[key].dtype, device=device)
+            g.copy_(self.cpu[key], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return g, ev
 
-    def load(self, idx: int, device: torch.device) -> torch.Tensor:
-        g, ev = self.prefetched.pop(idx, None) or self._fetch(idx, device)
-        if idx - 1 in self.cpu and idx - 1 not in self.prefetched:
-            self.prefetched[idx - 1] = self._fetch(idx - 1, device)   # next layer backward needs it
+    def load(self, key, device: torch.device) -> torch.Tensor:
+        g, ev = self.prefetched.pop(key, None) or self._fetch(key, device)
+        nxt = self.prev.get(key)
+        if nxt is not None and nxt in self.cpu and nxt not in self.prefetched:
+            self.prefetched[nxt] = self._fetch(nxt, device)           # what backward needs next
         cur = torch.cuda.current_stream(device)
         cur.wait_event(ev)
         g.record_stream(cur)
+        self._last = None                                             # the next forward starts a new chain
         return g
 
 
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def _rng_restored(device: torch.device, state):
+    """Run with the RNG as it was (dropout masks repeat in the recompute); the RNG is unchanged after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
 class _OffloadedLayer(torch.autograd.Function):
-    """Run a layer without saving anything but its input, which goes to CPU; recompute in backward."""
+    """Run a layer without saving anything but its input, which goes to the store; recompute in backward.
+    (offload for layers that cannot be split: see `_SplitLayer`.)"""
 
     @staticmethod
-    def forward(ctx, anchor, hidden, run: Callable, off: _Offloader, idx: int):
+    def forward(ctx, anchor, hidden, run: Callable, store, key):
         # anchor: an empty tensor requiring grad, so the node exists even when `hidden` needs no grad
-        ctx.run, ctx.off, ctx.idx, ctx.device = run, off, idx, hidden.device
+        ctx.run, ctx.store, ctx.device = run, store, hidden.device
         ctx.hidden_grad = hidden.requires_grad
-        ctx.rng = torch.cuda.get_rng_state(hidden.device)
+        ctx.rng = _rng_state(hidden.device)
         with torch.no_grad():
             out = run(hidden)
-        off.save(idx, hidden)
+        ctx.saved = store.save(key, hidden)
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        h = ctx.off.load(ctx.idx, ctx.device).requires_grad_(ctx.hidden_grad)
-        with torch.random.fork_rng(devices=[ctx.device]):
-            torch.cuda.set_rng_state(ctx.rng, ctx.device)
-            with torch.enable_grad():
-                out = ctx.run(h)
+        h = ctx.store.load(ctx.saved, ctx.device).detach().requires_grad_(ctx.hidden_grad)
+        with _rng_restored(ctx.device, ctx.rng), torch.enable_grad():
+            out = ctx.run(h)
         torch.autograd.backward(out, gout)
         return None, (h.grad if ctx.hidden_grad else None), None, None, None
+
+
+@contextmanager
+def _no_forward(mods: tuple):
+    """LoRALinears in `mods` skip their frozen GEMM's forward (their outputs only carry gradients back)."""
+    for m in mods:
+        m.__dict__["_fourbit_no_forward"] = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("_fourbit_no_forward", None)
+
+
+class _SplitLayer(torch.autograd.Function):
+    """A Llama-style layer, out = h + mlp(h), h = x + attn(x), saving only x and h (in `store`).
+
+    backward(gout): recompute the MLP branch from h and backpropagate gout through it (dh = gout +
+    its input grad), then the attention branch from x (dx = dh + its input grad). `final` are the
+    branches' last linears (o_proj, down_proj): in the recompute they run backward-only.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x, attn: Callable, mlp: Callable, final: tuple, store, idx: int):
+        ctx.attn, ctx.mlp, ctx.final, ctx.store, ctx.device = attn, mlp, final, store, x.device
+        ctx.x_grad = x.requires_grad
+        with torch.no_grad():
+            ctx.rng_attn = _rng_state(x.device)
+            ctx.saved_x = store.save((idx, 0), x)
+            h = x + attn(x)
+            ctx.rng_mlp = _rng_state(x.device)
+            ctx.saved_h = store.save((idx, 1), h)
+            out = h + mlp(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        dev = ctx.device
+        h = ctx.store.load(ctx.saved_h, dev).detach().requires_grad_(True)
+        with _rng_restored(dev, ctx.rng_mlp), torch.enable_grad(), _no_forward(ctx.final):
+            m = ctx.mlp(h)
+        torch.autograd.backward(m, gout)
+        dh = h.grad.add_(gout)
+        del h, m
+        # x needs no grad for the first layer (frozen embeddings); the anchor keeps this node alive
+        x = ctx.store.load(ctx.saved_x, dev).detach().requires_grad_(ctx.x_grad)
+        ctx.saved_x = ctx.saved_h = None
+        with _rng_restored(dev, ctx.rng_attn), torch.enable_grad(), _no_forward(ctx.final):
+            a = ctx.attn(x)
+        if a.requires_grad:
+            torch.autograd.backward(a, dh)
+        dx = (x.grad.add_(dh) if x.grad is not None else dh) if ctx.x_grad else None
+        return None, dx, None, None, None, None, None
 
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _wrap(layer: nn.Module, policy: str, idx: int, off: Optional[_Offloader]) -> None:
+def splittable(layer: nn.Module) -> bool:
+    """True when `layer` is a decoder layer `_SplitLayer` knows (see SPLIT_LAYERS)."""
+    return (type(layer).__name__ in SPLIT_LAYERS
+            and all(hasattr(layer, k) for k in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")))
+
+
+def _final_linears(layer: nn.Module) -> tuple:
+    from ..lora import LoRALinear
+    mods = (getattr(layer.self_attn, "o_proj", None), getattr(layer.mlp, "down_proj", None))
+    return tuple(m for m in mods if isinstance(m, LoRALinear))
+
+
+def _wrap(layer: nn.Module, policy: str, idx: int, store) -> None:
     orig = layer.__dict__.get("_fourbit_orig_forward") or layer.forward
     layer._fourbit_orig_forward = orig
+    split = policy in ("selective", "offload") and splittable(layer) and Switches.split
+    sig = inspect.signature(orig) if split else None
+    final = _final_linears(layer) if split else ()
 
     def forward(hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and layer.training):
             return orig(hidden_states, *args, **kwargs)
-        if policy == "full":
-            return checkpoint(orig, hidden_states, *args, use_reentrant=False, **kwargs)
-        if not hidden_states.is_cuda:       # offloading needs CUDA streams; CPU falls back to full
+        anchor = layer._fourbit_anchor
+        if anchor.device != hidden_states.device:
+            anchor = layer._fourbit_anchor = torch.empty(0, device=hidden_states.device, requires_grad=True)
+        if split:
+            bound = sig.bind(hidden_states, *args, **kwargs).arguments
+            rest = {k: v for k, v in bound.items() if k != "hidden_states"}
+            for k, p in sig.parameters.items():                      # flatten **kwargs
+                if p.kind is inspect.Parameter.VAR_KEYWORD and k in rest:
+                    rest.update(rest.pop(k))
+
+            def attn(x):
+                return _first(layer.self_attn(hidden_states=layer.input_layernorm(x), **rest))
+
+            def mlp(h):
+                return layer.mlp(layer.post_attention_layernorm(h))
+            return _SplitLayer.apply(anchor, hidden_states, attn, mlp, final, store, idx)
+        if policy in ("full", "selective") or store is None:
             return checkpoint(orig, hidden_states, *args, use_reentrant=False, **kwargs)
         tup = [False]
 
@@ -146,10 +281,7 @@ def _wrap(layer: nn.Module, policy: str, idx: int, off: Optional[_Offloader]) ->
             o = orig(h, *args, **kwargs)
             tup[0] = isinstance(o, tuple)
             return _first(o)
-        anchor = layer._fourbit_anchor
-        if anchor.device != hidden_states.device:
-            anchor = layer._fourbit_anchor = torch.empty(0, device=hidden_states.device, requires_grad=True)
-        out = _OffloadedLayer.apply(anchor, hidden_states, run, off, idx)
+        out = _OffloadedLayer.apply(anchor, hidden_states, run, store, idx)
         return (out,) if tup[0] else out
 
     layer._fourbit_anchor = torch.empty(0, requires_grad=True)
@@ -161,12 +293,63 @@ def _is_silu(act) -> bool:
 
 
 _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# attention modules whose forward is q/k/v -> RoPE -> attention interface -> o_proj, with nothing else
+# (Qwen3 normalises q and k first; Qwen2 has biases): `_rope_attention_forward` replaces it
+_ROPE_ATTENTION = ("LlamaAttention", "MistralAttention")
+
+
+class Switches:
+    """Benchmark switches (bench's ':nosplit' / ':norope' rows undo one change); always on otherwise."""
+    split = True          # selective/offload recompute branch by branch (else the whole layer)
+    rope = True           # fused RoPE attention forward in `fuse_layers`
+
+
+def _attention_interface(attn: nn.Module) -> Callable:
+    import sys
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    impl = attn.config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _rope_attention_forward(attn: nn.Module, grp) -> Callable:
+    """transformers' Llama/Mistral attention forward with q/k/v from one grouped GEMM and RoPE in one
+    kernel (`kernels.rope.rope_qkv`) that writes q, k, v as separate tensors: no rotate_half
+    cat/neg/mul/add chains, no split of the group output (whose backward was a cat), and the group
+    output is not kept alive by the attention's saved v. Same math; RoPE rounds once, in fp32."""
+    from ..kernels.rope import rope_qkv
+    orig = attn.forward
+    cfg = attn.config
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    extra = {"sliding_window": getattr(cfg, "sliding_window", None)} if type(attn).__name__ == "MistralAttention" else {}
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None or position_embeddings is None or not Switches.rope:
+            return orig(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        input_shape = hidden_states.shape[:-1]
+        qkv = grp.fused(hidden_states) if grp is not None else None
+        if qkv is None:                       # dropout, CPU, bias: the three projections, side by side
+            qkv = torch.cat([attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)], -1)
+        cos, sin = position_embeddings
+        q, k, v = rope_qkv(qkv, cos, sin, H, Hkv, D)                    # (B, T, heads, D) each
+        del qkv
+        out, weights = _attention_interface(attn)(
+            attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+            dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **extra, **kwargs)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return attn.o_proj(out), weights
+    return forward
 
 
 def fuse_layers(model: nn.Module) -> int:
     """Swap Llama-style RMSNorms for `FusedRMSNorm` and run SiLU-gated MLPs through the fused SwiGLU;
     group LoRA q/k/v and gate/up (`lora.LoRAGroup`: one NF4 dequant buffer and one GEMM per group on
-    the GPU fast path; the gate/up output goes whole into `swiglu_packed`). Call after `apply_lora`.
+    the GPU fast path; the gate/up output goes whole into `swiglu_packed`); Llama/Mistral attention
+    takes q/k/v from the group through one RoPE kernel (`_rope_attention_forward`). Call after `apply_lora`.
 
     Both keep fewer activations (no fp32 copies in the norm, no silu(g) tensor) and run fewer
     kernels; both fall back to the torch reference off CUDA. Instances are swapped or given their
@@ -182,6 +365,9 @@ def fuse_layers(model: nn.Module) -> int:
             if grp is not None and "_fourbit_group" not in mod.q_proj.__dict__:
                 for m in grp.members:
                     m.__dict__["_fourbit_group"] = grp
+                n += 1
+            if type(mod).__name__ in _ROPE_ATTENTION and "forward" not in mod.__dict__:
+                mod.forward = _rope_attention_forward(mod, grp)
                 n += 1
         if type(mod).__name__ in _NORMS and not mod.weight.requires_grad:
             parent, _, child = name.rpartition(".")
@@ -210,7 +396,7 @@ def unfuse_layers(model: nn.Module) -> None:
         if "_fourbit_orig" in mod.__dict__:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, mod.__dict__["_fourbit_orig"])
-        elif "forward" in mod.__dict__ and hasattr(mod, "down_proj"):
+        elif "forward" in mod.__dict__ and (hasattr(mod, "down_proj") or hasattr(mod, "q_proj")):
             del mod.__dict__["forward"]
 
 
@@ -219,7 +405,7 @@ def apply_checkpointing(model: nn.Module, policy: str = "full", budget_bytes: Op
     """Wrap the decoder layers of `model` with a checkpointing policy. Returns the policy applied.
 
     Args:
-        policy: off | full | offload | auto (auto needs `tokens`; the budget defaults to the
+        policy: off | selective | full | offload | auto (auto needs `tokens`; the budget defaults to the
             device's total memory, and resident bytes are what is allocated now).
         fuse: also `fuse_layers` (fewer saved activations; same math within bf16 rounding).
     """
@@ -234,19 +420,22 @@ def apply_checkpointing(model: nn.Module, policy: str = "full", budget_bytes: Op
             budget = budget_bytes or torch.cuda.get_device_properties(dev).total_memory
             resident = torch.cuda.memory_allocated(dev)
         else:                                   # CPU: recompute, as before policies existed
-            return apply_checkpointing(model, "full")
+            return apply_checkpointing(model, "full", fuse=fuse)
         cfg = model.config
         work = tokens * cfg.hidden_size * 2 * 4 + 1024 * cfg.vocab_size * 6     # hidden/grad copies + CE chunk
-        policy = choose_policy(cfg, tokens, budget, resident, work)
+        policy = choose_policy(cfg, tokens, budget, resident, work, dev.type)
     if policy not in POLICIES:
         raise ValueError(f"checkpointing policy must be one of {POLICIES + ('auto',)}, got {policy!r}")
     remove_checkpointing(model)
     if policy == "off":
         return policy
     dev = next(model.parameters()).device
-    off = _Offloader(dev) if policy == "offload" and dev.type == "cuda" else None
+    if policy == "offload" and dev.type == "cuda":
+        store = _Offloader(dev)
+    else:                                   # selective; offload on CPU (nothing to move)
+        store = _Keep() if policy in ("selective", "offload") else None
     for i, layer in enumerate(layers):
-        _wrap(layer, policy, i, off)
+        _wrap(layer, policy, i, store)
     return policy
 
 
