@@ -39,22 +39,24 @@ GRIDS = {
     "smoke": [("tiny", 1, 128, "off"), ("tiny", 2, 128, "full")],
 }
 CAP_70B = 48 * GiB     # the seed's claim: a 70B-class QLoRA run inside a 48 GB GPU
+DROPOUT = 0.05         # lora.dropout's default; 0 turns on the grouped q/k/v and gate/up GEMMs on CUDA
 
 
-def make_cfg(shape: str, micro: int, seq: int, policy: str, device: str):
+def make_cfg(shape: str, micro: int, seq: int, policy: str, device: str, dropout: float = DROPOUT):
+    """The run config of one setting; the policy itself is passed to `estimate` and `prepare` (the
+    config's checkpointing_policy stays auto, so any policy name the code knows can be measured)."""
     from fourbit.config import load_config
     return load_config(None, [f"--model=shape:{shape}", f"--train.micro_batch_size={micro}",
                               f"--data.max_length={seq}", f"--train.grad_checkpointing={policy != 'off'}",
-                              f"--train.checkpointing_policy={'auto' if policy == 'off' else policy}",
-                              f"--train.device={device}"])
+                              f"--lora.dropout={dropout}", f"--train.device={device}"])
 
 
-def predict(shape, micro, seq, policy, device, spec=None):
+def predict(shape, micro, seq, policy, device, spec=None, dropout: float = DROPOUT):
     from fourbit.plan import estimate
     from fourbit.plan_model import model_spec
-    cfg = make_cfg(shape, micro, seq, policy, device)
+    cfg = make_cfg(shape, micro, seq, policy, device, dropout)
     spec = spec or model_spec(cfg.model)
-    rep = estimate(cfg, spec, device, masked=False)          # random full-length rows: no mask
+    rep = estimate(cfg, spec, device, policy=policy, masked=False)      # random full-length rows: no mask
     return rep, {i.key: i.bytes for i in rep.items}
 
 

@@ -11,7 +11,7 @@ import torch
 from fourbit.cli import main
 from fourbit.config import LoraConfig, load_config
 from fourbit.errors import FourbitError
-from fourbit.plan import check_fits, estimate, layer_saved_bytes, parse_size
+from fourbit.plan import check_fits, estimate, format_report, layer_saved_bytes, parse_size
 from fourbit.plan_model import model_spec, nf4_bytes
 from fourbit.shapes import shape_config
 
@@ -156,13 +156,102 @@ def test_check_fits_gate(tmp_path, monkeypatch):
     assert check_fits(cfg, force=False, device="cpu").fits
 
 
-def test_auto_policy_on_cpu_recomputes_only_when_memory_is_short():
-    from fourbit.plan import plan
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_policy_is_the_fastest_that_fits(device):
+    from fourbit.plan import CPU_ROOM, plan
     cfg = load_config(None, base={"model": "shape:smollm2-135m", "data": {"max_length": 1024},
                                   "train": {"micro_batch_size": 4, "device": "cpu", "grad_checkpointing": True,
                                             "checkpointing_policy": "auto"}})
-    roomy = plan(cfg, memory="64GiB", device="cpu")
-    assert roomy.policy == "off"                       # RAM to spare: no recompute, ~30% faster
-    off_total = estimate(cfg, model_spec(cfg.model), "cpu", policy="off").total
-    tight = plan(cfg, memory=str(int(1.5 * off_total)), device="cpu")
-    assert tight.policy == "full"                      # `off` must fit twice over on CPU
+    spec = model_spec(cfg.model)
+    order = ("off", "selective", "full") if device == "cpu" else ("off", "selective", "offload")
+    tot = {p: estimate(cfg, spec, device, policy=p).total for p in order}
+    room = CPU_ROOM if device == "cpu" else {}
+    roomy = plan(cfg, memory="64GiB", device=device)
+    assert roomy.policy == "off" and roomy.auto              # RAM to spare: no recompute
+    assert "auto" in format_report(roomy) and "selective" in format_report(roomy)
+    assert plan(cfg, memory=str(int(0.99 * tot["off"] / room.get("off", 1))), device=device).policy == "selective"
+    between = (tot["selective"] / room.get("selective", 1) + tot[order[2]]) / 2
+    assert tot["selective"] > tot[order[2]] and plan(cfg, memory=str(int(between)), device=device).policy == order[2]
+
+
+def _saved_per_branch(model, batch):
+    """Bytes of distinct storages autograd saves while `selective` recomputes each branch in backward,
+    keyed (branch, layer); parameters excluded."""
+    from fourbit.train.loss import causal_lm_loss
+    where, seen = [None], {}
+    for i, layer in enumerate(model.model.layers):
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, ("attn", i)))
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, ("mlp", i)))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model.model.rotary_emb.register_forward_hook(        # cos/sin: kept from the forward (the plan's `top`)
+        lambda m, a, out: params.update(t.untyped_storage().data_ptr() for t in out))
+
+    def pack(t):                # freed memory is reused in backward: a storage is (branch, address)
+        key = (where[0], t.untyped_storage().data_ptr())
+        if key[1] not in params and key not in seen and where[0] is not None:
+            seen[key] = (where[0], t.untyped_storage().nbytes())
+        return t
+    ls, n = causal_lm_loss(model, batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        where[0] = None
+        ls.backward()
+    out = {}
+    for w, nb in seen.values():
+        out[w] = out.get(w, 0) + nb
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_selective_branches_match_autograd(dropout):
+    """`selective` recomputes one branch at a time in backward: what each branch saves then is
+    layer_parts' attn / mlp (+ the bf16 casts of its LoRA weights)."""
+    from fourbit.lora import apply_lora
+    from fourbit.plan import layer_parts
+    from fourbit.train.activations import apply_checkpointing
+    torch.manual_seed(0)
+    model = _small_model()
+    apply_lora(model, LoraConfig(r=8, dropout=dropout))
+    assert apply_checkpointing(model, "selective", fuse=False) == "selective"
+    model.train()
+    B, T = 2, 32
+    ids = torch.randint(0, 128, (B, T))
+    got = _saved_per_branch(model, {"input_ids": ids, "labels": ids.clone()})
+    spec = model_spec("x", mcfg=model.config)
+    parts = layer_parts(spec, 2, {l.role for l in spec.linears}, 8, dropout > 0, False, T)
+    one = spec.linears[:7]
+    cast = {b: 2 * 8 * sum(l.in_features + l.out_features for l in one if (l.role in ("gate_proj", "up_proj",
+                                                                                   "down_proj")) == (b == "mlp"))
+            for b in ("attn", "mlp")}
+    for b in ("attn", "mlp"):
+        want = B * T * parts[b] + cast[b]
+        assert abs(got[(b, 1)] - want) <= 0.01 * want, (b, got, want)
+
+
+def test_policies_order_the_plan():
+    """More recompute, less memory: off > selective > full on CPU; offload is selective on CPU and keeps
+    two tensors in flight on CUDA (the rest in host RAM)."""
+    cfg = _cfg("shape:smollm2-135m", "--data.max_length=2048", "--lora.dropout=0")
+    spec = model_spec(cfg.model)
+    cpu = {p: estimate(cfg, spec, "cpu", policy=p, masked=False) for p in ("off", "selective", "full", "offload")}
+    assert cpu["off"].total > cpu["selective"].total > cpu["full"].total
+    assert cpu["offload"].total == cpu["selective"].total and cpu["offload"].host == 0
+    gpu = {p: estimate(cfg, spec, "cuda", policy=p, masked=False) for p in ("off", "selective", "full", "offload")}
+    assert gpu["off"].total > gpu["selective"].total > gpu["full"].total > gpu["offload"].total
+    assert gpu["offload"].host == 2 * spec.layers * 2 * spec.hidden * 2048 * cfg.train.micro_batch_size
+
+
+@pytest.mark.parametrize("policy", ["off", "selective", "full"])
+def test_calibration_step_is_the_training_step(policy):
+    """plan_calibrate sets a model up as prepare_run does (flat adapter buffer, fused AdamW on CPU) and
+    runs loop._accumulate_and_step; the weights move and the gradients are gone afterwards."""
+    from fourbit.plan_calibrate import one_step, prepare, zero_step
+    model = _small_model()
+    cfg = _cfg("shape:tiny", "--train.micro_batch_size=2", "--data.max_length=32", "--lora.dropout=0.05",
+               f"--train.grad_checkpointing={policy != 'off'}")
+    run = prepare(model, cfg, policy)
+    assert run.flat is not None and run.params == [run.flat.flat]
+    zero_step(run)
+    before = run.flat.flat.detach().clone()
+    loss = one_step(run, 2, 32)
+    assert 0 < loss < 20 and not torch.equal(before, run.flat.flat.detach())
+    assert run.flat.flat.grad is None and all(p.grad is None for p in run.flat.params)

@@ -43,6 +43,7 @@ CUDA_CONTEXT = 750 * MiB       # CUDA context + libraries, outside torch's alloc
 ALLOCATOR_SLACK = 0.6          # caching allocator: reserved over allocated, share of the largest transient
                                # (fit to the H200 run in benchmarks/RESULTS.md: 0.4-1.0 seen)
 CPU_PROCESS = 480 * MiB        # python + torch + transformers + bitsandbytes + fourbit, resident
+CPU_ROOM = {"off": 0.5}        # auto on CPU: share of the budget a policy's plan may take (see `plan`)
 
 
 @dataclass
@@ -60,13 +61,15 @@ class PlanReport:
     device: str                                  # cuda | cpu
     micro_batch: int
     seq: int
-    policy: str                                  # off | full | offload
+    policy: str                                  # off | selective | full | offload
     masked: bool
     items: list[Item] = field(default_factory=list)
     budget: Optional[int] = None
     budget_label: str = ""
     notes: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    auto: bool = False                           # the policy was chosen by checkpointing_policy auto
+    by_policy: dict = field(default_factory=dict)   # policy -> predicted peak on the device (plan() fills it)
 
     def part(self, *keys: str) -> int:
         return sum(i.bytes for i in self.items if i.key in keys)
@@ -92,9 +95,22 @@ class PlanReport:
 
 # ------------------------------------------------------------------ activations
 
-def layer_saved_bytes(spec: ModelSpec, d: int, targets: set[str], r: int, dropout: bool, masked: bool,
-                      seq: int, first: bool = False) -> float:
-    """Bytes autograd saves per token for one decoder layer (see the module docstring)."""
+FUSED_ROPE = True      # CUDA: the fused RoPE kernel writes q, k, v as tensors of their own, so attention
+                       # does not keep the grouped q/k/v GEMM's output alive (False: v is a view of it)
+ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_parts(spec: ModelSpec, d: int, targets: set[str], r: int, dropout: bool, masked: bool, seq: int,
+                first: bool = False, fused: bool = False) -> dict[str, float]:
+    """Bytes autograd saves per token in one decoder layer, by branch (see the module docstring).
+
+    attn, mlp: what the attention branch (norm1 .. o_proj) and the MLP branch (norm2 .. down_proj)
+    save besides their inputs; attn_in, mlp_in: the branch input (x, h = x + attn) when a saved
+    tensor is that very tensor (the fused norms keep their input; transformers' norms keep an fp32
+    copy instead, counted in attn / mlp). fused: CUDA's `fuse_layers` and LoRA fast path (groups
+    when dropout is 0). first: layer 0, whose input (the frozen embedding) needs no gradient.
+    """
     H, I = spec.hidden, spec.intermediate
     Q, K = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     roles = {l.role: l for l in spec.linears[: len(spec.linears) // max(spec.layers, 1)]}
@@ -104,31 +120,54 @@ def layer_saved_bytes(spec: ModelSpec, d: int, targets: set[str], r: int, dropou
         n = sum(1 for x in names if x in lora)
         if not n:
             return 0
-        return n * (d + (1 if needs_mask else 0)) * width if dropout else d * width
+        return n * (d + (1 if needs_mask else 0)) * width if dropout else d * width   # one shared x without dropout
 
     if not spec.llama_like:     # generic: every linear's LoRA input, every output once, attention core
         b = 8 * H + sum((d + (1 if dropout else 0)) * l.in_features for l in roles.values() if l.role in lora)
         b += sum(d * l.out_features for l in roles.values()) + d * 2 * Q + 4 * spec.heads
-        return b + d * r * len(lora) + (d * seq if masked else 0)
-    b = 0 if first else 4 * H + 4
-    b += lora_in(("q_proj", "k_proj", "v_proj"), H, needs_mask=not first)   # layer 0: input needs no grad
+        return {"attn_in": 0, "attn": b + d * r * len(lora) + (d * seq if masked else 0), "mlp_in": 0, "mlp": 0}
+    norm = 4 if fused else 4 * H + 4          # 1/rms (fused), or the fp32 upcast + 1/rms (transformers)
     kv = Q if masked else K
-    b += d * (2 * Q + 2 * kv) + 4 * spec.heads
+    attn = 0 if first else norm
+    attn += lora_in(("q_proj", "k_proj", "v_proj"), H, needs_mask=not first)   # layer 0: input needs no grad
+    attn += d * (2 * Q + 2 * kv) + 4 * spec.heads        # SDPA: q, k, v, output, fp32 logsumexp
+    grouped = fused and not dropout and all(x in lora for x in ("q_proj", "k_proj", "v_proj"))
+    if grouped and not FUSED_ROPE and not masked:
+        attn += d * (Q + K)                              # v a view of the (Q + 2K) group output
     if masked:
-        b += d * seq                                   # the float mask SDPA builds per layer
+        attn += d * seq                                  # the float mask SDPA builds per layer
     if "o_proj" in lora and dropout:
-        b += (d + 1) * Q                               # without dropout o_proj's input is SDPA's saved output
-    b += 4 * H + 4
-    b += lora_in(("gate_proj", "up_proj"), H)
-    b += 3 * d * I
+        attn += (d + 1) * Q                              # without dropout o_proj's input is SDPA's saved output
+    attn += d * r * sum(1 for x in ATTN_ROLES if x in lora)
+    mlp = norm + lora_in(("gate_proj", "up_proj"), H)
+    mlp += (2 if fused else 3) * d * I                   # gate, up (+ silu(gate) unfused)
     if "down_proj" in lora:
-        b += (d + 1) * I if dropout else d * I
-    b += d * r * len(lora)
-    return b
+        mlp += (d + 1) * I if dropout else d * I
+    mlp += d * r * sum(1 for x in MLP_ROLES if x in lora)
+    return {"attn_in": d * H if fused and not first else 0, "attn": attn, "mlp_in": d * H if fused else 0, "mlp": mlp}
+
+
+def layer_saved_bytes(spec: ModelSpec, d: int, targets: set[str], r: int, dropout: bool, masked: bool,
+                      seq: int, first: bool = False, fused: bool = False) -> float:
+    """Bytes autograd saves per token for one decoder layer (the sum of `layer_parts`)."""
+    return sum(layer_parts(spec, d, targets, r, dropout, masked, seq, first, fused).values())
 
 
 def _largest_linear(spec: ModelSpec) -> int:
     return max((l.numel for l in spec.linears), default=0)
+
+
+def effective_policy(policy: str, device: str, spec: ModelSpec) -> str:
+    """What runs: selective needs a Llama-style layer (else full); offload on CPU is selective (or full);
+    offload of a layer that cannot be split keeps its input on the host ("offload-layer")."""
+    split = spec.splittable
+    if policy == "selective":
+        return "selective" if split else "full"
+    if policy == "offload":
+        if device != "cuda":
+            return "selective" if split else "full"
+        return "offload" if split else "offload-layer"
+    return policy
 
 
 # ------------------------------------------------------------------ the plan
@@ -137,7 +176,8 @@ def resolve_policy(cfg: Config) -> str:
     t = cfg.train
     if not t.grad_checkpointing:
         return "off"
-    return "full" if t.checkpointing_policy == "auto" else t.checkpointing_policy   # plan() resolves auto by budget
+    # plan() resolves auto by the budget; without one, the middle of the road
+    return "selective" if t.checkpointing_policy == "auto" else t.checkpointing_policy
 
 
 def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Optional[int] = None,
@@ -169,69 +209,109 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
         add("head", "LM head (16-bit)", d * spec.head_params)
     add("norms", "norms, biases and buffers (16-bit)", d * spec.other_params + spec.buffers_bytes)
 
-    # persistent: LoRA, gradients, optimizer
+    # persistent: LoRA, gradients, optimizer (as train.loop.prepare_run sets them up)
     chosen = lora_targets(spec, cfg.lora.targets)
     r = cfg.lora.r
-    tensors = [r * l.in_features for l in chosen] + [r * l.out_features for l in chosen]   # A, B per linear
-    n_lora = sum(tensors)
-    add("lora", f"LoRA weights, fp32 ({n_lora / 1e6:.1f}M params on {len(chosen)} linears)", 4 * n_lora)
-    add("grads", "LoRA gradients, fp32", 4 * n_lora)
+    per_weight = [r * l.in_features for l in chosen] + [r * l.out_features for l in chosen]   # A, B per linear
+    n_lora = sum(per_weight)
     opt = cfg.train.optimizer
+    flat = opt != "paged_adamw_8bit"          # lora.FlatLoRA: one fp32 buffer, one optimizer tensor
+    tensors = [n_lora] if flat else per_weight
+    add("lora", f"LoRA weights, fp32 ({n_lora / 1e6:.1f}M params on {len(chosen)} linears"
+                + (", one flat buffer)" if flat else ")"), 4 * n_lora)
+    add("grads", "LoRA gradients, fp32", 4 * n_lora)
     if opt == "paged_adamw_8bit":
         states = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in tensors)
         small = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in tensors if n < PAGED_MIN_NUMEL)
     else:
         states, small = 8 * n_lora, 8 * sum(n for n in tensors if n < PAGED_MIN_NUMEL)
     if opt.startswith("paged") and device == "cuda":
-        add("optim", "optimizer states (AdamW m, v) of small tensors", small)
-        add("optim_paged", "optimizer states, paged (CUDA managed memory, evictable)", states - small, "outside")
+        if small:
+            add("optim", "optimizer states (AdamW m, v) of small tensors", small)
+        if states - small:
+            add("optim_paged", "optimizer states, paged (CUDA managed memory, evictable)", states - small, "outside")
     else:
         add("optim", f"optimizer states ({opt}: AdamW m and v)", states)
 
     # activations
     tok = mb * T
+    H, I, L = spec.hidden, spec.intermediate, max(spec.layers, 1)
+    Q, kv = spec.heads * spec.head_dim, (spec.heads if masked else spec.kv_heads) * spec.head_dim
+    fused = device == "cuda" and spec.splittable
     tset = {l.role for l in chosen}
-    dropout = cfg.lora.dropout > 0
-    per_layer = layer_saved_bytes(spec, d, tset, r, dropout, masked, T)
-    first = layer_saved_bytes(spec, d, tset, r, dropout, masked, T, first=True)
-    lora_casts = d * n_lora // max(spec.layers, 1)           # bf16 copies of A and B each layer keeps
-    one_layer = tok * per_layer + lora_casts
-    hd = spec.head_dim
-    top = tok * (4 * spec.hidden + d * spec.hidden) + 2 * d * hd * tok   # final norm fp32, grad of the hidden; cos/sin
-    if policy == "off":
-        saved = tok * (first + (spec.layers - 1) * per_layer) + lora_casts * spec.layers
-        add("act", f"activations: {spec.layers} layers x {per_layer / 1024:.1f} KiB/token x {tok} tokens "
+    kw = dict(spec=spec, d=d, targets=tset, r=r, dropout=cfg.lora.dropout > 0, masked=masked, seq=T, fused=fused)
+    parts = layer_parts(**kw)
+    first = sum(layer_parts(**kw, first=True).values())
+    per_layer = sum(parts.values())
+    casts = {"attn": 0, "mlp": 0}          # bf16 copies of A and B each LoRA layer keeps (unfused path), per layer
+    if not fused:
+        for l in chosen:
+            casts["mlp" if l.role in MLP_ROLES else "attn"] += d * r * (l.in_features + l.out_features) // L
+    cast = casts["attn"] + casts["mlp"]
+    hid = d * H                                            # one token x hidden tensor, per token
+    top = tok * ((hid + 4 if fused else 4 * H + 4) + hid) + 2 * d * spec.head_dim * tok   # final norm, grad of the
+    mode = effective_policy(policy, device, spec)                                        # hidden; cos/sin
+    weight = d * _largest_linear(spec)
+    mlp_grads = tok * (3 * d * I + 2 * hid)
+    what = f"checkpointing `{policy}`" + (f" (runs as `{mode}`)" if mode != policy and mode != "offload-layer" else "")
+    if mode == "off":
+        saved = tok * (first + (L - 1) * per_layer) + cast * L
+        add("act", f"activations: {L} layers x {per_layer / 1024:.1f} KiB/token x {tok} tokens "
                    "(no checkpointing)", int(saved + top))
-        recompute = 0
-    else:
-        inputs = spec.layers * d * spec.hidden * tok
-        where = "host" if policy == "offload" else "device"
-        if policy == "offload":
-            add("act_host", f"layer inputs offloaded to host memory ({spec.layers} x {tok} tokens)", inputs, "host")
-            inputs = 2 * d * spec.hidden * tok                  # the one in flight each way
-        add("act", f"activations: layer inputs ({'2 in flight' if where == 'host' else spec.layers} x {tok} tokens,"
-                   f" checkpointing `{policy}`)", int(inputs + top))
-        recompute = one_layer
+        bwd_tr, bwd_what = weight + mlp_grads, "MLP gradients + one dequantized weight"
+    elif mode in ("full", "offload-layer"):
+        if mode == "full":
+            add("act", f"activations: each layer's input ({L} x {tok} tokens x {hid} B), {what}",
+                int(L * hid * tok + top))
+        else:
+            add("act_host", f"layer inputs offloaded to host memory ({L} x {tok} tokens)", L * hid * tok, "host")
+            add("act", f"activations: layer inputs in flight (2 x {tok} tokens), {what}", int(2 * hid * tok + top))
+        recompute = tok * (per_layer - parts["attn_in"]) + cast   # the layer input is the kept tensor
+        bwd_tr, bwd_what = recompute + weight + mlp_grads, "recomputed layer + MLP gradients + one dequantized weight"
+    else:                                                      # selective / offload: two tensors a layer, split recompute
+        if mode == "selective":
+            add("act", f"activations: each layer's input and mid-layer residual (2 x {L} x {tok} tokens), {what}",
+                int(2 * L * hid * tok + top))
+        else:
+            add("act_host", f"layer inputs and mid-layer residuals offloaded to host memory (2 x {L} x {tok} tokens)",
+                2 * L * hid * tok, "host")
+            add("act", f"activations: 2 offloaded tensors in flight ({tok} tokens each), {what}",
+                int(2 * hid * tok + top))
+        # backward recomputes one branch at a time; its saved tensors, its gradients, the branch output
+        # handle, the incoming gradient and the input's gradient are alive together
+        attn_grads = 2 * d * (Q + 2 * kv) + d * Q + 4 * Q          # dq dk dv (+ their cat), d(attn out), fp32 dq
+        mlp_tr = tok * (parts["mlp"] + 3 * d * I + 3 * hid) + casts["mlp"]
+        attn_tr = tok * (parts["attn"] + attn_grads + 3 * hid) + casts["attn"]
+        branch = "MLP" if mlp_tr >= attn_tr else "attention"
+        bwd_tr = max(mlp_tr, attn_tr) + weight
+        bwd_what = f"recomputed {branch} branch + its gradients + one dequantized weight"
     n_loss = mb * (T - 1)
     from .kernels.lm_loss import chunk_tokens
     chunk = min(chunk_tokens(spec.vocab), n_loss)                  # as train/loss.py picks it
-    loss_tr = 8 * chunk * spec.vocab + 2 * d * spec.hidden * tok        # fp32 logits + logsumexp temp; hidden copies
-    bwd_tr = recompute + d * _largest_linear(spec) + tok * (3 * d * spec.intermediate + 2 * d * spec.hidden)
-    if loss_tr >= bwd_tr:
+    loss_tr = 8 * chunk * spec.vocab + 2 * hid * tok               # fp32 logits + logsumexp temp; hidden copies
+    act_dev = rep.part("act")
+    step_tr = (4 * n_lora if flat else 0) - act_dev           # flat.grad gathered once the activations are freed
+    if loss_tr >= bwd_tr and loss_tr >= step_tr:
         add("loss", f"loss: LM head + cross-entropy over {chunk} tokens x {spec.vocab} vocab (fp32)", int(loss_tr))
+    elif bwd_tr >= step_tr:
+        add("backward", f"backward peak: {bwd_what}", int(bwd_tr))
     else:
-        what = "recomputed layer + " if recompute else ""
-        add("backward", f"backward peak: {what}MLP gradients + one dequantized weight", int(bwd_tr))
+        add("step", "optimizer step: the gradients gathered into the flat buffer (activations freed)", int(step_tr))
 
     if device == "cuda":
         # Cached blocks of the loss chunk and of the backward do not fit each other's requests exactly.
         moving = max(loss_tr, bwd_tr)
         add("runtime", "cuBLAS workspaces + caching-allocator slack", int(CUDA_RUNTIME + ALLOCATOR_SLACK * moving))
-        add("context", "CUDA context and libraries (outside torch's allocator)", CUDA_CONTEXT, "outside")
+        add("context", "CUDA context and libraries", CUDA_CONTEXT, "outside")
     else:
         add("runtime", "the process itself (python, torch, transformers, bitsandbytes)", CPU_PROCESS)
     if not spec.llama_like:
         rep.notes.append(f"`{spec.model_type}` is not a Llama-style model: activations are an approximation.")
+    elif policy in ("selective", "offload") and not spec.splittable:
+        rep.notes.append(f"`{spec.model_type}` layers are not split by `{policy}`: it runs as "
+                         f"{'full' if mode == 'full' else 'offload of whole layers'}.")
+    if policy == "offload" and device != "cuda":
+        rep.notes.append("offload moves tensors off a GPU; on CPU it is `selective` (nothing to move).")
     return rep
 
 
@@ -276,6 +356,26 @@ def _largest(fn, lo: int, hi: int) -> Optional[int]:
     return lo
 
 
+def policy_order(device: str) -> tuple[str, ...]:
+    """Checkpointing policies from fastest to most frugal. CUDA: offload keeps less on the GPU than full
+    and is now faster, so full is skipped; CPU: offload is selective there, full keeps less."""
+    return ("off", "selective", "offload") if device == "cuda" else ("off", "selective", "full")
+
+
+def _thriftier(policy: str, device: str) -> list[str]:
+    """The policies that keep less than `policy` on `device`, next one first."""
+    order = policy_order(device)
+    if policy in order:
+        return list(order[order.index(policy) + 1:])
+    return ["offload"] if device == "cuda" else ["full"]          # full on CUDA, offload on CPU
+
+
+def _policy_flags(policy: str) -> str:
+    if policy == "off":
+        return "--train.grad_checkpointing=false"
+    return f"--train.grad_checkpointing=true --train.checkpointing_policy={policy}"
+
+
 def advise(cfg: Config, spec: ModelSpec, rep: PlanReport) -> list[str]:
     """Settings that make a run fit: largest micro-batch / max_length per checkpointing policy, dropout."""
     if rep.budget is None or rep.fits:
@@ -286,22 +386,19 @@ def advise(cfg: Config, spec: ModelSpec, rep: PlanReport) -> list[str]:
         args = {"micro_batch": mb0, "seq": T0, "policy": rep.policy, **kw}
         return estimate(c, spec, rep.device, masked=rep.masked if args["micro_batch"] > 1 or cfg.data.packing
                         else None, **args).total <= B
-    fixed = rep.total - rep.part("act", "loss", "backward", "runtime")
+    fixed = rep.total - rep.part("act", "loss", "backward", "step", "runtime")
     if fixed > B:
         return [f"the model alone ({fixed / GiB:.1f} GiB without activations) is over the budget: use a "
                 "larger GPU, fewer LoRA targets (lora.targets) or a smaller model"]
     out = []
-    policies = [rep.policy] + [p for p in ("full", "offload") if p != rep.policy and
-                               (p == "full" and rep.policy == "off" or p == "offload" and rep.device == "cuda")]
-    for pol in policies:
-        flag = "" if pol == rep.policy else (" --train.grad_checkpointing=true" if pol == "full" else
-                                             " --train.grad_checkpointing=true --train.checkpointing_policy=offload")
+    for pol in [rep.policy] + _thriftier(rep.policy, rep.device):
+        flag = "" if pol == rep.policy else _policy_flags(pol)
         mb = _largest(lambda m: fits(micro_batch=m, policy=pol), 1, mb0)
         if mb is not None:
             accum = math.ceil(cfg.train.micro_batch_size * cfg.train.grad_accum / mb)
             same = mb == mb0
-            out.append((flag.strip() + ("" if same else f" --train.micro_batch_size={mb} --train.grad_accum={accum}"
-                                        " (same effective batch)")).strip())
+            out.append((flag + ("" if same else f" --train.micro_batch_size={mb} --train.grad_accum={accum}"
+                                " (same effective batch)")).strip())
             break
         ml = _largest(lambda t: fits(micro_batch=1, seq=t, policy=pol), 64, T0)
         if ml is not None:
@@ -320,9 +417,10 @@ def _fmt(n: float) -> str:
 
 def format_report(rep: PlanReport) -> str:
     s = rep.spec
+    how = " (auto: the fastest that fits)" if rep.auto else ""
     lines = [f"model     {s.source} ({s.model_type}, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab})",
              f"setting   {rep.device}, micro-batch {rep.micro_batch} x {rep.seq} tokens, checkpointing "
-             f"`{rep.policy}`, attention mask {'yes' if rep.masked else 'no'}", ""]
+             f"`{rep.policy}`{how}, attention mask {'yes' if rep.masked else 'no'}", ""]
     for i in rep.items:
         tag = {"outside": "  (not in torch's allocator)", "host": "  (host RAM)"}.get(i.where, "")
         lines.append(f"  {_fmt(i.bytes)}  {i.label}{tag}")
@@ -334,6 +432,10 @@ def format_report(rep: PlanReport) -> str:
     if rep.host:
         lines.append(f"  {_fmt(rep.host)}  host RAM for offloaded activations")
     lines.append("")
+    if rep.by_policy:
+        where = "GPU" if rep.device == "cuda" else "RAM"
+        lines.append(f"policies  peak {where} by checkpointing policy, fastest first: " + ", ".join(
+            f"{p} {v / GiB:.2f} GiB" for p, v in rep.by_policy.items()))
     if rep.budget is None:
         lines.append(f"budget    unknown ({rep.budget_label}); pass --memory 24GiB to check a size")
     else:
@@ -348,22 +450,24 @@ def format_report(rep: PlanReport) -> str:
 
 
 def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None) -> PlanReport:
-    """The plan for a run config: model shapes from the config alone, budget given or detected."""
+    """The plan for a run config: model shapes from the config alone, budget given or detected.
+
+    checkpointing_policy auto takes the fastest policy of `policy_order` whose peak fits the budget
+    (CUDA: off, selective, offload; CPU: off, selective, full), the last one when none does."""
     if device is None:
         from .model import resolve_device
         device = resolve_device(cfg.train.device).type
     spec = model_spec(cfg.model, cfg.trust_remote_code)
     budget, label = (parse_size(memory), "--memory") if memory else detect_memory(device)
-    policy = None
-    if cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto" and budget is not None:
-        # auto: the fastest policy that fits (offload needs CUDA streams). On CPU, where the plan
-        # under-predicts long sequences by up to 50% (benchmarks/RESULTS.md), `off` must fit twice over.
-        choices = ("off", "full", "offload") if device == "cuda" else ("off", "full")
-        room = {"off": 0.5} if device != "cuda" else {}
-        policy = next((p for p in choices if estimate(cfg, spec, device, policy=p).total <= budget * room.get(p, 1.0)),
-                      choices[-1])
+    order = policy_order(device)
+    by_policy = {p: estimate(cfg, spec, device, policy=p).total for p in order}
+    policy, auto = None, cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto"
+    if auto and budget is not None:
+        room = {p: CPU_ROOM.get(p, 1.0) for p in order} if device != "cuda" else {}
+        policy = next((p for p in order if by_policy[p] <= budget * room.get(p, 1.0)), order[-1])
     rep = estimate(cfg, spec, device, policy=policy)
     rep.budget, rep.budget_label = budget, label
+    rep.auto, rep.by_policy = auto and policy is not None, by_policy
     rep.advice = advise(cfg, spec, rep)
     return rep
 

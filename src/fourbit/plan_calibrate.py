@@ -1,11 +1,14 @@
 """Measure what `fourbit plan` predicts: one training configuration, peak memory, in this process.
 
 Used by `benchmarks/memory_plan.py` (one fresh subprocess per shape) and by tests/test_plan.py.
-The step is fourbit's own: NF4 base (bitsandbytes), our `LoRALinear`, `causal_lm_loss` (chunked
-LM-head cross-entropy), fourbit.train.activations' checkpointing policies as `prepare_run` applies them, and the
-configured optimizer, over synthetic full-length rows. Random models of named shapes are built on
-the `meta` device and quantized one linear at a time on the target device, so a 70B shape never
-exists in 16 bits (the same method as fourbit.shapes, which the throughput benchmark uses).
+The step is `fourbit train`'s own, not a copy of it: `prepare` sets the model up with the calls
+`train.loop.prepare_run` makes (LoRA, `apply_checkpointing` with layers fused on CUDA only, one
+flat adapter buffer `FlatLoRA` unless the optimizer is paged_adamw_8bit, `_build_optimizer`) and
+returns a `train.loop.Run`; `one_step` runs `train.loop._accumulate_and_step` on it (collate, H2D
+copy, `causal_lm_loss`, backward, `FlatLoRA.gather_grads`, clip, optimizer step, `_zero_grad`)
+over synthetic full-length rows (every label trained, no padding: no attention mask). Random
+models of named shapes are built on the `meta` device and quantized one linear at a time on the
+target device, so a 70B shape never exists in 16 bits (the same builder the throughput benchmark uses).
 """
 from __future__ import annotations
 
@@ -19,48 +22,65 @@ def random_nf4_model(shape: str, device: torch.device, seed: int = 0, overrides:
     return build_random_model(shape, device, seed=seed, config_overrides=overrides)
 
 
-def prepare(model, cfg, policy: str) -> dict:
-    """LoRA (once per model), checkpointing per `policy`, a fresh optimizer over the per-layer tensors.
+def prepare(model, cfg, policy: str, host_memory: bool = False):
+    """Set `model` up for training as `prepare_run` does and return the `train.loop.Run` of one step.
 
-    This is the training step the memory table in benchmarks/RESULTS.md was measured on; `prepare_run`
-    has since moved to one flat adapter buffer and fuses layers on CUDA only, which this does not
-    mirror yet.
+    Mirrors prepare_run line for line: LoRA (applied once per model; later calls reuse it), the
+    checkpointing `policy` through `apply_checkpointing(tokens=micro x max_length, fuse=CUDA)`
+    ("off" when `train.grad_checkpointing` is false), `FlatLoRA` (one fp32 buffer and one optimizer
+    tensor for all adapters) unless the optimizer is paged_adamw_8bit, `_build_optimizer` over it.
+    The data fields of the Run are filled per step by `one_step`. host_memory: on CPU, return the
+    heap's freed pages to the OS at layer boundaries (`train.host_memory`, as `fourbit train` does).
     """
-    from .lora import LoRALinear, apply_lora, lora_parameters
+    from .lora import FlatLoRA, LoRALinear, apply_lora, lora_parameters
     from .train.activations import apply_checkpointing
-    from .train.loop import _build_optimizer
+    from .train.loop import Plan, Run, _build_optimizer
+    from .data import collate
     device = next(p for p in model.parameters()).device
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    apply_checkpointing(model, policy)            # off / full / offload, with apply_checkpointing's fusion
+    policy = policy if cfg.train.grad_checkpointing else "off"
+    apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
+                        fuse=device.type == "cuda")
+    if host_memory:
+        from .train import host_memory as hm
+        if getattr(model, "_fourbit_host_memory", None) is None:
+            model._fourbit_host_memory = hm.install(model)
     model.train()
-    params = lora_parameters(model)
-    for p in params:
-        p.grad = None
-    return {"model": model, "params": params, "opt": _build_optimizer(cfg, params, device), "device": device}
+    flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
+    params = [flat.flat] if flat is not None else lora_parameters(model)
+    opt = _build_optimizer(cfg, params, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    return Run(cfg, model, tok, device, [], [], [], opt, sched, Plan([], [], 1), params, collate,
+               micro=cfg.train.micro_batch_size,
+               paged_off_cuda=cfg.train.optimizer == "paged_adamw_8bit" and device.type != "cuda", flat=flat)
 
 
-def zero_step(run: dict) -> None:
+def zero_step(run) -> None:
     """One optimizer step with zero gradients: creates AdamW's states and changes no weight (no decay)."""
-    import torch
-    for p in run["params"]:
+    from .train.loop import _zero_grad
+    for p in run.params:
         p.grad = torch.zeros_like(p)
-    run["opt"].step()
-    run["opt"].zero_grad(set_to_none=True)
+    run.optimizer.step()
+    _zero_grad(run)
 
 
-def one_step(run: dict, micro: int, seq: int, seed: int = 0) -> float:
-    """Forward + backward + clip + step on `micro` random rows of `seq` tokens; returns the mean loss."""
-    import torch
-    from .train.loss import causal_lm_loss
-    model, device = run["model"], run["device"]
+def one_step(run, micro: int, seq: int, seed: int = 0) -> float:
+    """`_accumulate_and_step` (fourbit train's optimizer step, grad_accum 1) on `micro` random rows
+    of `seq` tokens, all trained; returns the mean loss."""
+    from .data.report import Example
+    from .train.loop import Plan, _accumulate_and_step
+    vocab = run.model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device)
-    ls, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
-    (ls / n).backward()
-    torch.nn.utils.clip_grad_norm_(run["params"], 0.3)
-    run["opt"].step()
-    run["opt"].zero_grad(set_to_none=True)
-    if device.type == "cuda":
+    ids = torch.randint(0, vocab, (micro, seq), generator=g).tolist()
+    run.examples = [Example(r, list(r)) for r in ids]
+    run.train_rows = list(range(micro))
+    run.plan = Plan([[list(range(micro))]], [0], 1)
+    run.micro = micro
+    m = _accumulate_and_step(run, 0)
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
-    return float(ls) / n
+    if "skipped" in m:
+        raise RuntimeError(f"the calibration step was skipped: {m}")
+    return m["loss"]

@@ -23,6 +23,7 @@ from typing import Optional
 from .errors import FourbitError
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPLIT_TYPES = ("llama", "mistral", "qwen2", "qwen3")     # train.activations.SPLIT_LAYERS, by config model_type
 
 
 @dataclass
@@ -65,6 +66,12 @@ class ModelSpec:
         """True when each layer has exactly the seven Llama projections (the activation formula is exact)."""
         roles = {l.role for l in self.linears}
         return roles == set(ROLES)
+
+    @property
+    def splittable(self) -> bool:
+        """True when `train.activations` splits its layers (selective / offload) and fuses them on CUDA:
+        Llama, Mistral, Qwen2 and Qwen3 decoder layers (its SPLIT_LAYERS), read here off the model type."""
+        return self.llama_like and self.model_type in SPLIT_TYPES
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
