@@ -46,3 +46,20 @@ def test_bench_runs_on_cpu_and_losses_agree(tmp_path, capsys):
     assert res[0]["max_loss_diff_vs_ref"] < 2e-3
     assert res[0]["losses"] == res[1]["losses"]
     assert "| fourbit | off |" in capsys.readouterr().out
+
+
+def test_gpu_gaps_reports_idle_time_and_the_launching_op(tmp_path):
+    """The profile's idle-gap summary, on a hand-made chrome trace: two kernels 500 us apart."""
+    import json
+    from fourbit.bench import gpu_gaps
+    ev = [{"cat": "kernel", "name": "gemm", "ts": 0, "dur": 100, "args": {"correlation": 1}},
+          {"cat": "kernel", "name": "norm", "ts": 600, "dur": 10, "args": {"correlation": 2}},
+          {"cat": "kernel", "name": "norm2", "ts": 612, "dur": 10, "args": {"correlation": 3}},
+          {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 590, "dur": 5, "args": {"correlation": 2}},
+          {"cat": "cpu_op", "name": "Optimizer.step", "ts": 150, "dur": 500, "args": {}},
+          {"cat": "cpu_op", "name": "aten::mul_", "ts": 585, "dur": 20, "args": {}}]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    out = gpu_gaps(str(path))
+    assert "idle in gaps > 20 us: 0.5 ms (1 gaps)" in out
+    assert "gemm | norm | aten::mul_" in out

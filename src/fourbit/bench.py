@@ -171,7 +171,60 @@ def _profile(step_fn, dev, path: str) -> None:
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+        if dev.type == "cuda":
+            f.write("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                                       max_name_column_width=70))
+            import tempfile
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                prof.export_chrome_trace(tmp.name)
+                f.write("\n" + gpu_gaps(tmp.name))
     print(f"profile written to {path}", flush=True)
+
+
+def gpu_gaps(trace_path: str, min_us: float = 20.0, top: int = 25) -> str:
+    """Where the GPU sat idle in a chrome trace: total idle, and the largest gaps between kernels with
+    the kernels around them and the innermost CPU op that launched the kernel after the gap."""
+    with open(trace_path) as f:
+        ev = json.load(f)["traceEvents"]
+    dev = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                 key=lambda e: e["ts"])
+    if not dev:
+        return "no device events\n"
+    launch = {e["args"].get("correlation"): e for e in ev if e.get("cat") == "cuda_runtime"}
+    cpu_ops = sorted((e for e in ev if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in cpu_ops]
+
+    def innermost(ts):                  # the shortest CPU op covering ts, among the last 4000 started
+        import bisect
+        i = bisect.bisect_right(starts, ts)
+        best = None
+        for e in cpu_ops[max(0, i - 4000):i]:
+            if e["ts"] + e["dur"] >= ts and (best is None or e["dur"] < best["dur"]):
+                best = e
+        return best["name"] if best else "?"
+    gaps, end = [], dev[0]["ts"] + dev[0]["dur"]
+    prev = dev[0]
+    for e in dev[1:]:
+        if e["ts"] - end > min_us:
+            gaps.append((e["ts"] - end, prev, e))
+        if e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e
+    span = end - dev[0]["ts"]
+    busy = span - sum(g for g, _, _ in gaps)
+    out = [f"GPU span {span / 1e3:.1f} ms, idle in gaps > {min_us:.0f} us: {(span - busy) / 1e3:.1f} ms "
+           f"({len(gaps)} gaps)", f"largest {top}: gap_us | kernel before | kernel after | CPU op launching it"]
+    by_op: dict = {}
+    for g, a, b in gaps:
+        rt = launch.get(b["args"].get("correlation"))
+        op = innermost(rt["ts"]) if rt else "?"
+        by_op[op] = by_op.get(op, 0.0) + g
+        b["_op"] = op
+    for g, a, b in sorted(gaps, key=lambda x: -x[0])[:top]:
+        out.append(f"{g:9.0f} | {a['name'][:50]} | {b['name'][:50]} | {b.get('_op', '?')[:60]}")
+    out.append("idle by the CPU op that launched the kernel after the gap (ms):")
+    for op, g in sorted(by_op.items(), key=lambda x: -x[1])[:15]:
+        out.append(f"{g / 1e3:8.2f}  {op[:90]}")
+    return "\n".join(out) + "\n"
 
 
 def _unwrap_lora(model, names: list[str]) -> None:
