@@ -5,6 +5,16 @@ holds the bf16 logits, their fp32 copy and an fp32 gradient of the same size: ab
 N = 8192 tokens. Here tokens are processed in chunks and each chunk's gradients are produced in
 the forward pass, so the peak extra memory is a few (chunk, V) buffers, whatever N is.
 
+Per chunk: one GEMM gives the logits zl = h @ W.T (C, V) in the weight dtype, then
+  - on CUDA (and on CPU under TRITON_INTERPRET=1): ONE Triton kernel, one program per row. Pass 1
+    reads the row in blocks and keeps a running max and sum of exp in fp32 (online softmax) -> lse;
+    pass 2 re-reads the row and writes dz = softmax - onehot, rounded to zl's dtype, IN PLACE over
+    zl; the row loss lse - z_y (fp32) goes to a (C,) output. No fp32 (C, V) buffer exists: the
+    chunk holds only zl (2V bytes a token in bf16). Without gradients only pass 1 runs.
+  - elsewhere: `_chunk_ce_reference`, the same math in torch ops on an fp32 copy of zl
+    (upcast, logsumexp, gather, exp in place, indexed -1, cast back): ~6 passes over (C, V) fp32.
+dz (in zl's buffer) then feeds the two GEMMs dL/dh = dz @ W and dL/dW += dz^T h.
+
 The math, per token t with hidden h_t, target y_t (ignored when y_t == ignore_index):
 
     z_t   = fp32(W h_t)                     logits in the weight dtype, upcast per chunk   (V,)
@@ -26,7 +36,112 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
 IGNORE_INDEX = -100
+
+# Kernel launch shape: columns per block (a power of two) and warps per row program. Not tuned on
+# the device yet: 4096 bf16 columns = 8 KiB a load, 16 values a thread at 8 warps; V = 128256 takes
+# 32 blocks a pass. Small registers so ~5 row programs fit an SM (C = 512 rows ~ one wave on an H200).
+CE_BLOCK = 4096
+CE_NUM_WARPS = 8
+
+
+def _chunk_ce_reference(zl: torch.Tensor, y: torch.Tensor,
+                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row CE of the logits zl (C, V) against y (C,) and dz = softmax - onehot, in torch ops.
+
+    Returns (row_loss (C,) fp32 = lse - z_y, dz (C, V) in zl's dtype or None without need_grad).
+    The fp32 copy of zl is built in place into dz; when zl is already fp32 `.float()` is zl itself,
+    so zl is overwritten (callers that keep zl pass a clone).
+    """
+    z = zl.float()                                                               # (C, V) fp32
+    lse = torch.logsumexp(z, dim=-1)                                             # (C,)
+    row_loss = lse - z.gather(1, y[:, None]).squeeze(1)                          # (C,)
+    if not need_grad:
+        return row_loss, None
+    # dL/dz = softmax(z) - onehot(y), built in place in z's buffer (no second (C, V) fp32).
+    dz = z.sub_(lse[:, None]).exp_()
+    dz[torch.arange(y.numel(), device=y.device), y] -= 1.0
+    return row_loss, dz.to(zl.dtype)                                             # (C, V) like autograd's cast
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_ce_kernel(z_ptr, y_ptr, loss_ptr, V, stride_z,
+                         NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of z (C, V): loss[r] = lse - z[r, y[r]]; with NEED_GRAD z[r] := softmax(z[r]) - onehot(y[r])."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        y = tl.load(y_ptr + row).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        # z_y is read before pass 2 overwrites the row; it also seeds the max (it is one of the row's
+        # values, so the max is unchanged and m is finite from the start: no -inf - -inf).
+        zy = tl.load(z_row + y).to(tl.float32)
+        m = zy
+        s = zy * 0.0
+        # Pass 1: online softmax, per block one max and one sum (scalar carries, few registers).
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        tl.store(loss_ptr + row, lse - zy)
+        if NEED_GRAD:
+            # Pass 2: dz = exp(z - lse) - [v == y] in fp32, rounded once to z's dtype, in place.
+            for v0 in range(0, V, BLOCK):
+                cols = v0 + offs
+                mask = cols < V
+                x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse)
+                p = tl.where(cols == y, p - 1.0, p)
+                tl.store(z_row + cols, p.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting(fn) -> bool:
+    """True when `fn` was decorated under TRITON_INTERPRET=1 (the CPU interpreter)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(fn, InterpretedFunction)
+
+
+# Decided once at import, as in nf4 / rope: the kernel object tells which mode it is in.
+_INTERPRET = triton is not None and _interpreting(_chunk_ce_kernel)
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    """The Triton kernel runs on CUDA tensors, and on CPU ones under the interpreter (tests)."""
+    return triton is not None and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
+
+
+def _chunk_ce_triton(zl: torch.Tensor, y: torch.Tensor, need_grad: bool,
+                     block: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_chunk_ce_reference`'s results from one kernel: (row_loss (C,) fp32, dz or None).
+
+    With need_grad dz is written IN PLACE over zl (C, V) (bf16 / fp16 / fp32, unit column stride)
+    and returned as zl itself; without it zl is only read. block: columns per step (power of two;
+    default min(CE_BLOCK, next_pow2(V))).
+    """
+    C, V = zl.shape
+    if zl.stride(1) != 1:
+        raise ValueError("zl must have unit column stride")
+    y = y.contiguous()
+    row_loss = torch.empty(C, dtype=torch.float32, device=zl.device)
+    if C == 0:
+        return row_loss, (zl if need_grad else None)
+    block = block or min(CE_BLOCK, triton.next_power_of_2(V))
+    _chunk_ce_kernel[(C,)](zl, y, row_loss, V, zl.stride(0), NEED_GRAD=need_grad, BLOCK=block,
+                           num_warps=CE_NUM_WARPS)
+    return row_loss, (zl if need_grad else None)
 
 
 def lm_head_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -47,18 +162,17 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_hidden_grad else None              # (N, H)
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                   if need_weight_grad else None)                                     # (V, H) fp32 accumulator
+        need_grad = grad_h is not None or grad_w is not None
+        use_kernel = _use_kernel(hidden)
         for s in range(0, rows.numel(), chunk_size):
             r, y = rows[s:s + chunk_size], targets[s:s + chunk_size]                 # (C,), (C,)
             h = hidden.index_select(0, r).to(weight.dtype)                           # (C, H)
-            z = (h @ weight.T).float()                                               # (C, V) fp32
-            lse = torch.logsumexp(z, dim=-1)                                         # (C,)
-            loss += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_h is None and grad_w is None:
+            zl = h @ weight.T                                                        # (C, V) weight dtype
+            ce = _chunk_ce_triton if use_kernel else _chunk_ce_reference
+            row_loss, dz = ce(zl, y, need_grad)                                      # dz: zl's buffer (kernel)
+            loss += row_loss.sum()
+            if not need_grad:
                 continue
-            # dL/dz = softmax(z) - onehot(y), built in place in z's buffer (no second (C, V) fp32).
-            dz = z.sub_(lse[:, None]).exp_()
-            dz[torch.arange(y.numel(), device=y.device), y] -= 1.0
-            dz = dz.to(weight.dtype)                                                 # (C, V) like autograd's cast
             if grad_h is not None:
                 grad_h.index_copy_(0, r, (dz @ weight).to(hidden.dtype))             # (C, H)
             if grad_w is not None:
@@ -84,7 +198,8 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         hidden: (N, H) or (B, T, H) final hidden states (bf16 on the GPU path).
         weight: (V, H) output embedding; its gradient is computed only if it requires grad.
         labels: (N,) or (B, T) target ids aligned with `hidden`, `ignore_index` where no loss.
-        chunk_size: tokens per chunk; peak extra memory is about chunk_size * V * 8 bytes.
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size * V * 8 bytes on the torch
+            path (bf16 weight), chunk_size * V * 2 with the Triton kernel (only the chunk's logits).
         reduction: "sum" (the trainer normalises) or "mean" over non-ignored tokens.
     Returns:
         (loss, n_tokens): fp32 scalar loss (0 when no token is trainable), the count of trainable tokens.
@@ -131,8 +246,11 @@ def lm_head_loss_rows(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Te
 def chunk_tokens(vocab: int, budget_bytes: int = 512 * 2 ** 20, lo: int = 128, hi: int = 8192) -> int:
     """Tokens per LM-head chunk so the chunk's buffers stay within `budget_bytes`.
 
-    A chunk of C tokens holds its bf16 logits (2V bytes a token) while they are upcast to fp32 (4V),
-    then the fp32 softmax (4V, in place) and its bf16 copy dz (2V): at most ~8V bytes a token.
+    Budgeted for the torch path (`_chunk_ce_reference`, CPU): a chunk of C tokens holds its bf16
+    logits (2V bytes a token) while they are upcast to fp32 (4V), then the fp32 softmax (4V, in
+    place) and its bf16 copy dz (2V): at most ~8V bytes a token. With the Triton kernel (CUDA) there
+    are no fp32 buffers: dz overwrites the logits, so a chunk needs only 2V bytes a token, about a
+    quarter of the budget.
     512 MiB gives 512 tokens at a 128k vocabulary (Llama-3), 2,048 at 32k; a multiple of 128, in [lo, hi].
     """
     c = budget_bytes // (8 * max(1, vocab))
