@@ -89,7 +89,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
-              chunk: int = 0, split: bool = True, rope: bool = True) -> dict:
+              chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
@@ -113,6 +113,8 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     names = apply_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=TARGETS), seed=lora_seed)
     budget = int(budget_gib * GIB) if budget_gib else None
     Switches.split, Switches.rope = split, rope
+    from .kernels import lm_loss
+    lm_loss.USE_KERNEL = ce_kernel
     chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
     model.train()
     fl = FlatLoRA(model) if flat else None
@@ -147,6 +149,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     finally:
         LoRAGroup.enabled = True
         Switches.split = Switches.rope = True
+        lm_loss.USE_KERNEL = True
         remove_checkpointing(model)
         unfuse_layers(model)
         _unwrap_lora(model, names)
@@ -309,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope a round-3 one), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -369,7 +372,8 @@ def main(argv: list[str]) -> int:
             chunk = next((int(o[5:]) for o in opts if o.startswith("chunk")), 0)
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
                             flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
-                            chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts, **common)
+                            chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts,
+                            ce_kernel="noce" not in opts, **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)

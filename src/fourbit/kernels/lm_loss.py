@@ -118,9 +118,12 @@ def _interpreting(fn) -> bool:
 _INTERPRET = triton is not None and _interpreting(_chunk_ce_kernel)
 
 
+USE_KERNEL = True          # a benchmark switch (bench's ':noce' rows run the torch path on CUDA)
+
+
 def _use_kernel(t: torch.Tensor) -> bool:
     """The Triton kernel runs on CUDA tensors, and on CPU ones under the interpreter (tests)."""
-    return triton is not None and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
+    return USE_KERNEL and triton is not None and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
 
 
 def _chunk_ce_triton(zl: torch.Tensor, y: torch.Tensor, need_grad: bool,
