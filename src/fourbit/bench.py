@@ -81,6 +81,7 @@ def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> di
         losses.append(step_fn(s))
     _sync(dev)
     dt = time.perf_counter() - t0
+    losses = [float(x) for x in losses]            # steps may return device scalars (no per-step sync)
     return {"tokens_per_s": round(steps * tokens_per_step / dt, 1), "s_per_step": round(dt / steps, 4),
             "losses": [round(x, 5) for x in losses], "loss": round(losses[-1], 5)}
 
@@ -89,7 +90,8 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
-              chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True) -> dict:
+              chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True,
+              sync_each_step: bool = True, gc_off: bool = False) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
@@ -139,14 +141,18 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         opt.zero_grad(set_to_none=True)
         if fl:
             fl.zero_grad()
-        return float(loss_sum) / n_train
+        return float(loss_sum) / n_train if sync_each_step else loss_sum / n_train
 
     LoRAGroup.enabled = group
+    if gc_off:
+        gc.collect()
+        gc.disable()
     try:
         res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
         if profile_path:
             _profile(step, dev, profile_path)
     finally:
+        gc.enable()
         LoRAGroup.enabled = True
         Switches.split = Switches.rope = True
         lm_loss.USE_KERNEL = True
@@ -178,9 +184,13 @@ def _profile(step_fn, dev, path: str) -> None:
             f.write("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
                                                        max_name_column_width=70))
             import tempfile
+            with profile(activities=acts) as prof3:          # 3 back-to-back steps: gaps between steps too
+                for s in range(3):
+                    step_fn(s)
+                _sync(dev)
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                prof.export_chrome_trace(tmp.name)
-                f.write("\n" + gpu_gaps(tmp.name))
+                prof3.export_chrome_trace(tmp.name)
+                f.write("\n3 consecutive steps:\n" + gpu_gaps(tmp.name))
     print(f"profile written to {path}", flush=True)
 
 
@@ -312,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -373,7 +383,8 @@ def main(argv: list[str]) -> int:
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
                             flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
                             chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts,
-                            ce_kernel="noce" not in opts, **common)
+                            ce_kernel="noce" not in opts, sync_each_step="nosync" not in opts,
+                            gc_off="gcoff" in opts, **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)
