@@ -193,3 +193,76 @@ def test_grouped_qkv_and_gate_up_equal_separate_layers():
     assert abs(got[0] - ref[0]) / ref[0] < 1e-3
     for g, r in zip(got[1], ref[1]):
         assert (g - r).norm() / r.norm() < 3e-2
+
+
+def _lora_layer(device="cpu"):
+    import torch.nn as nn
+    from fourbit.lora import LoRALinear
+    lin = LoRALinear(nn.Linear(32, 24, bias=False).to(device), r=4, alpha=8)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    return lin
+
+
+def test_lowp_cache_is_per_step_and_invalidated_by_the_optimizer_hook():
+    """Cached (A, s*B) casts: reused between optimizer steps, refreshed after each step (also when the
+    optimizer writes behind autograd's back, as bitsandbytes' kernels do), never cached when off."""
+    from fourbit.lora import cache_optimizer_steps, lowp_cache
+    lin = _lora_layer()
+    a1, b1 = lin.lowp(torch.bfloat16)
+    assert lin.lowp(torch.bfloat16)[0] is not a1                    # off: a fresh cast each call
+    opt = torch.optim.SGD([lin.lora_A.weight, lin.lora_B.weight], lr=0.1)
+    hook = cache_optimizer_steps(opt)
+    try:
+        a1, b1 = lin.lowp(torch.bfloat16)
+        assert lin.lowp(torch.bfloat16)[0] is a1                    # cached within a step
+        torch.testing.assert_close(b1, (lin.lora_B.weight * lin.scaling).to(torch.bfloat16), rtol=0, atol=0)
+        lin.lora_A.weight.data.add_(1.0)                            # a raw write: no version bump, no hook
+        assert lin.lowp(torch.bfloat16)[0] is a1                    # (why the hook is needed)
+        for p in (lin.lora_A.weight, lin.lora_B.weight):
+            p.grad = torch.ones_like(p)
+        opt.step()                                                  # the hook invalidates
+        a2, b2 = lin.lowp(torch.bfloat16)
+        assert a2 is not a1
+        torch.testing.assert_close(a2, lin.lora_A.weight.detach().to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(b2, (lin.lora_B.weight * lin.scaling).to(torch.bfloat16), rtol=0, atol=0)
+        with torch.no_grad():
+            lin.lora_B.weight.mul_(2)                               # torch in-place: the version counter refreshes it
+        assert lin.lowp(torch.bfloat16)[1] is not b2
+    finally:
+        hook.remove()
+        lowp_cache(False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lowp_cache_trains_identically_with_paged_adamw():
+    """Three steps of bitsandbytes' paged AdamW (raw-pointer updates) through the fast path: cached
+    casts give bit-identical weights to casting per call."""
+    import bitsandbytes as bnb
+    from fourbit.config import LoraConfig
+    from fourbit.lora import FlatLoRA, apply_lora, cache_optimizer_steps, lowp_cache
+    from fourbit.shapes import build_random_model
+    from fourbit.train.activations import apply_checkpointing
+    from fourbit.train.loss import causal_lm_loss
+    ids = torch.randint(3, 1024, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    finals = []
+    for cached in (False, True):
+        model = build_random_model("tiny", "cuda", quant="nf4")
+        apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"), seed=0)
+        apply_checkpointing(model, "off")
+        model.train()
+        fl = FlatLoRA(model)
+        opt = bnb.optim.PagedAdamW32bit([fl.flat], lr=1e-2)
+        hook = cache_optimizer_steps(opt) if cached else None
+        for _ in range(3):
+            ls, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+            (ls / n).backward()
+            fl.gather_grads()
+            opt.step()
+            fl.zero_grad()
+        if hook is not None:
+            hook.remove()
+        lowp_cache(False)
+        finals.append((float(ls), fl.flat.detach().clone()))
+    assert finals[0][0] == finals[1][0]
+    assert torch.equal(finals[0][1], finals[1][1])

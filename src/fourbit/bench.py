@@ -91,7 +91,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
               chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True,
-              sync_each_step: bool = True, gc_off: bool = False) -> dict:
+              sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
@@ -106,7 +106,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
-    from .lora import FlatLoRA, LoRAGroup, apply_lora, lora_parameters
+    from .lora import FlatLoRA, LoRAGroup, apply_lora, cache_optimizer_steps, lora_parameters, lowp_cache as set_lowp
     from .train.activations import Switches, apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
@@ -122,6 +122,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     fl = FlatLoRA(model) if flat else None
     params = [fl.flat] if fl else lora_parameters(model)
     opt = _optimizer(params, dev, lr, wd)
+    hook = cache_optimizer_steps(opt) if lowp_cache else None      # as `fourbit train`
     total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
 
@@ -153,6 +154,9 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             _profile(step, dev, profile_path)
     finally:
         gc.enable()
+        if hook is not None:
+            hook.remove()
+        set_lowp(False)
         LoRAGroup.enabled = True
         Switches.split = Switches.rope = True
         lm_loss.USE_KERNEL = True
@@ -322,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -384,7 +388,7 @@ def main(argv: list[str]) -> int:
                             flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
                             chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts,
                             ce_kernel="noce" not in opts, sync_each_step="nosync" not in opts,
-                            gc_off="gcoff" in opts, **common)
+                            gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts, **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)

@@ -47,14 +47,14 @@ class LoRANF4Function(torch.autograd.Function):
     """Frozen NF4 base + LoRA in one node. Inputs: x, xd (or None), A, B (fp32 params), packed, state, s."""
 
     @staticmethod
-    def forward(ctx, x, xd, A, B, packed, state: NF4State, scaling: float, compute_y: bool = True):
+    def forward(ctx, x, xd, A, B, packed, state: NF4State, scaling: float, compute_y: bool = True,
+                lowp: Optional[tuple] = None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])              # (N, in)
-        a = A.to(x.dtype)                                                   # (r, in)
+        a, b = lowp if lowp is not None else (A.to(x.dtype), (B * scaling).to(x.dtype))   # (r, in), (out, r)
         h = xd2 @ a.t()                                                     # (N, r)
         if compute_y:
-            b = (B * scaling).to(x.dtype)                                   # (out, r)
             w = dequantize_nf4_fast(packed, state)                          # (out, in)
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)
@@ -64,6 +64,7 @@ class LoRANF4Function(torch.autograd.Function):
         else:                          # a recompute whose output is never read: backward only (see docstring)
             y = x2.new_empty((x2.shape[0], B.shape[0]))
         ctx.save_for_backward(xd2, h, A, B)
+        ctx.lowp = (a, b)
         ctx.packed, ctx.state, ctx.scaling = packed, state, scaling
         ctx.has_xd = xd is not None
         ctx.in_shape = shape
@@ -74,8 +75,9 @@ class LoRANF4Function(torch.autograd.Function):
         xd2, h, A, B = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1])                                  # (N, out)
         dt = gy2.dtype
-        a = A.to(dt)
-        b = (B * ctx.scaling).to(dt)
+        a, b = ctx.lowp
+        if a.dtype != dt:
+            a, b = A.to(dt), (B * ctx.scaling).to(dt)
         need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
         gh = gy2 @ b                                                        # (N, r)
         dx = dxd = dA = dB = None
@@ -94,16 +96,18 @@ class LoRANF4Function(torch.autograd.Function):
             dA = (gh.t() @ xd2).float()                                     # (r, in)
         if need_b:
             dB = (gy2.t() @ h).float().mul_(ctx.scaling)                    # (out, r)
-        return dx, dxd, dA, dB, None, None, None, None
+        return dx, dxd, dA, dB, None, None, None, None, None
 
 
 def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
-                    packed: torch.Tensor, state: NF4State, scaling: float, compute_y: bool = True) -> torch.Tensor:
+                    packed: torch.Tensor, state: NF4State, scaling: float, compute_y: bool = True,
+                    lowp: Optional[tuple] = None) -> torch.Tensor:
     """Frozen NF4 linear + LoRA, one autograd node. xd: dropout(x), or None when dropout is 0.
 
     compute_y=False: the forward skips the base GEMM and returns an uninitialised tensor of the
     output's shape; backward is unchanged (it never reads y). For a recompute whose output only
     carries a gradient back (`train.activations`' split recompute of o_proj and down_proj).
+    lowp: (A, s*B) already in x's dtype (`LoRALinear.lowp`, cast once per optimizer step), or None.
 
     Args:
         x: (..., in) activations (bf16 on the GPU).
@@ -112,7 +116,7 @@ def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor
     Returns:
         (..., out) in x's dtype.
     """
-    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling, compute_y)
+    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling, compute_y, lowp)
 
 
 def reference_weight(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -128,25 +132,28 @@ class LoRANF4GroupFunction(torch.autograd.Function):
     one (N, k r) GEMM, and each output block gets its own h_i (s B_i)^T in the epilogue. Dropout must
     be 0 (one shared x). Math per block i is that of `LoRANF4Function`; dx sums the k blocks inside one
     fp32-accumulated GEMM instead of adding k bf16 results.
-    Inputs: x, k, packed list, state list, scaling, A_1..A_k, B_1..B_k. Output: (..., sum out).
+    Inputs: x, k, packed list, state list, scaling, lowp (or None), A_1..A_k, B_1..B_k. Output: (..., sum out).
     """
 
     @staticmethod
-    def forward(ctx, x, k: int, packed: list, states: list, scaling: float, *ab):
+    def forward(ctx, x, k: int, packed: list, states: list, scaling: float, lowp: Optional[tuple], *ab):
         As, Bs = ab[:k], ab[k:]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
         outs = [b.shape[0] for b in Bs]
+        if lowp is None:
+            lowp = (torch.cat([A.to(x.dtype) for A in As]), [(B * scaling).to(x.dtype) for B in Bs])
+        a, bs = lowp                                                        # (k r, in), [(out_i, r_i)]
         w = _dequant_group(packed, states, outs, x2.shape[1], x.dtype)      # (sum out, in)
-        a = torch.cat([A.to(x.dtype) for A in As])                          # (k r, in)
         h = x2 @ a.t()                                                      # (N, k r)
         y = x2 @ w.t()                                                      # (N, sum out)
         del w
         o, c = 0, 0
-        for B in Bs:
-            r = B.shape[1]
-            y[:, o:o + B.shape[0]].addmm_(h[:, c:c + r], (B * scaling).to(x.dtype).t())
-            o, c = o + B.shape[0], c + r
+        for b in bs:
+            r = b.shape[1]
+            y[:, o:o + b.shape[0]].addmm_(h[:, c:c + r], b.t())
+            o, c = o + b.shape[0], c + r
+        ctx.lowp = lowp
         ctx.save_for_backward(x2, h, *As, *Bs)
         ctx.k, ctx.packed, ctx.states, ctx.scaling, ctx.in_shape = k, packed, states, scaling, shape
         return y.view(*shape[:-1], y.shape[-1])
@@ -159,17 +166,19 @@ class LoRANF4GroupFunction(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])                                  # (N, sum out)
         dt = gy2.dtype
         need_x = ctx.needs_input_grad[0]
+        a, bs = ctx.lowp
+        if a.dtype != dt:
+            a, bs = torch.cat([A.to(dt) for A in As]), [(B * s).to(dt) for B in Bs]
         gh = torch.empty(h.shape, dtype=dt, device=h.device)               # (N, k r)
         dBs = []
         o, c = 0, 0
-        for B, need_b in zip(Bs, ctx.needs_input_grad[5 + k:]):
-            out, r = B.shape
+        for b, need_b in zip(bs, ctx.needs_input_grad[6 + k:]):
+            out, r = b.shape
             g_i = gy2[:, o:o + out]                                         # (N, out_i) strided view
-            gh[:, c:c + r] = g_i @ (B * s).to(dt)                         # (N, r_i)
+            gh[:, c:c + r] = g_i @ b                                        # (N, r_i)
             dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if need_b else None)
             o, c = o + out, c + r
         dx = None
-        a = torch.cat([A.to(dt) for A in As])                               # (k r, in)
         if need_x:
             w = _dequant_group(ctx.packed, ctx.states, [B.shape[0] for B in Bs], x2.shape[1], dt)
             dx = gy2 @ w                                                    # (N, in)
@@ -177,15 +186,15 @@ class LoRANF4GroupFunction(torch.autograd.Function):
             dx.addmm_(gh, a)
             dx = dx.view(ctx.in_shape)
         dAs = []
-        if any(ctx.needs_input_grad[5:5 + k]):
+        if any(ctx.needs_input_grad[6:6 + k]):
             dA = (gh.t() @ x2).float()                                      # (k r, in)
             c = 0
-            for A, need_a in zip(As, ctx.needs_input_grad[5:5 + k]):
+            for A, need_a in zip(As, ctx.needs_input_grad[6:6 + k]):
                 dAs.append(dA[c:c + A.shape[0]] if need_a else None)
                 c += A.shape[0]
         else:
             dAs = [None] * k
-        return (dx, None, None, None, None, *dAs, *dBs)
+        return (dx, None, None, None, None, None, *dAs, *dBs)
 
 
 def _dequant_group(packed: list, states: list, outs: list, din: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,16 +209,17 @@ def _dequant_group(packed: list, states: list, outs: list, din: int, dtype: torc
 
 
 def lora_nf4_group(x: torch.Tensor, As: list, Bs: list, packed: list, states: list,
-                   scaling: float) -> torch.Tensor:
+                   scaling: float, lowp: Optional[tuple] = None) -> torch.Tensor:
     """k frozen NF4 linears + LoRA on one input x (dropout 0), one autograd node.
 
     Args:
         x: (..., in). As[i]: (r_i, in), Bs[i]: (out_i, r_i) fp32. packed/states: the NF4 weights
-        (all of one dtype) and their `NF4State`s.
+        (all of one dtype) and their `NF4State`s. lowp: (stacked A's, [s B_i]) in x's dtype
+        (`LoRAGroup.lowp`), or None to cast here.
     Returns:
         (..., sum out_i): the k outputs side by side (split with `torch.split`, whose backward is one cat).
     """
-    return LoRANF4GroupFunction.apply(x, len(As), list(packed), list(states), scaling, *As, *Bs)
+    return LoRANF4GroupFunction.apply(x, len(As), list(packed), list(states), scaling, lowp, *As, *Bs)
 
 
 def lora_group_reference(x: torch.Tensor, weights: list, As: list, Bs: list, scaling: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..config import Config, dump_config, to_dict
 from ..errors import FourbitError
-from ..lora import FlatLoRA, apply_lora, describe_parameters, lora_parameters, save_adapter
+from ..lora import FlatLoRA, apply_lora, cache_optimizer_steps, describe_parameters, lora_parameters, save_adapter
 from ..model import load_for_training, resolve_device
 from . import guards
 from .checkpoint import TrainerState, capture_rng, check_compatible, load_checkpoint, restore_rng
@@ -159,6 +159,7 @@ def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
     flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
     params = [flat.flat] if flat is not None else lora_parameters(model)
     opt = _build_optimizer(cfg, params, device)
+    cache_optimizer_steps(opt)        # A and s*B cast once per optimizer step for the GPU fast path
     total = len(plan.steps)
     warm = warmup_steps(total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
