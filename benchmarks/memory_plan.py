@@ -1,15 +1,18 @@
 """Memory plan vs measured: `fourbit plan`'s prediction beside the real peak of fourbit's training step.
 
-    python benchmarks/memory_plan.py --grid cpu   --out results_cpu.jsonl     # peak RSS, tiny + SmolLM2
-    python benchmarks/memory_plan.py --grid gpu   --out results_gpu.jsonl     # max reserved, 4 shapes
+    python benchmarks/memory_plan.py --grid cpu --out results/memory_plan_cpu.jsonl    # peak RSS, tiny + SmolLM2
+    python benchmarks/memory_plan.py --grid gpu --out $OUT/memory_plan_gpu.jsonl --budget-s 480   # max reserved
 
-Each shape runs in a fresh subprocess (GPU: the model is built once, then each setting runs after
-`empty_cache` + `reset_peak_memory_stats`; CPU: one subprocess per setting, since peak RSS cannot
-be reset). The model is random, built on the meta device and quantized one linear at a time on the
-target device (a 70B shape never exists in 16 bits). Before the measured step, AdamW's states are
-created with a zero-gradient step, so one step shows the steady-state peak. The step is fourbit's:
-`causal_lm_loss` (chunked LM-head CE) on full-length random rows (no padding, no mask), our
-LoRALinear, transformers' non-reentrant checkpointing, the configured (paged) AdamW.
+The predictions of every row are written first (`<out>.pred.jsonl`, with the commit and time: the
+plan before the run), then each shape runs in a fresh subprocess (GPU: the model is built once, then
+each setting runs after `empty_cache` + `reset_peak_memory_stats`; CPU: one subprocess per setting,
+since peak RSS cannot be reset). The model is random, built on the meta device and quantized one
+linear at a time on the target device (a 70B shape never exists in 16 bits). The step is `fourbit
+train`'s own (`plan_calibrate`: prepare_run's setup, `loop._accumulate_and_step`) on full-length
+random rows (no padding, no mask). Before the measured step(s), AdamW's states are created with a
+zero-gradient step. CPU rows run 2 steps (the peak RSS of both: the heap keeps what the first
+freed); the 70B rows under the 48 GiB cap run 3. `--budget-s` skips the shapes that would start
+after that many seconds (the GPU grid is ordered by priority: 70B, 8B, SmolLM2, tiny).
 The last lines printed are a table; every record is written to --out as JSON lines.
 """
 from __future__ import annotations
@@ -25,21 +28,40 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 GiB = 1024 ** 3
-
-GRIDS = {
-    # (shape, micro_batch, seq, policy)
-    "cpu": [("tiny", 1, 512, "off"), ("tiny", 1, 2048, "off"), ("tiny", 4, 2048, "full"),
-            ("smollm2-135m", 1, 256, "off"), ("smollm2-135m", 1, 1024, "off"), ("smollm2-135m", 1, 1024, "full"),
-            ("smollm2-135m", 2, 2048, "full")],
-    "gpu": [("llama3-70b", 1, 2048, "full"), ("llama3-70b", 1, 512, "off"), ("llama3-70b", 1, 512, "full"),
-            ("llama3-70b", 1, 8192, "full"),
-            ("llama3-8b", 4, 2048, "full"), ("llama3-8b", 1, 8192, "offload")]
-           + [(s, 1, t, p) for s in ("llama3-8b", "smollm2-135m", "tiny") for t in (512, 2048, 8192)
-              for p in ("off", "full")],
-    "smoke": [("tiny", 1, 128, "off"), ("tiny", 2, 128, "full")],
-}
 CAP_70B = 48 * GiB     # the seed's claim: a 70B-class QLoRA run inside a 48 GB GPU
 DROPOUT = 0.05         # lora.dropout's default; 0 turns on the grouped q/k/v and gate/up GEMMs on CUDA
+
+
+def _rows(shape, seqs, policies, micro=1, dropout=DROPOUT):
+    return [(shape, micro, t, p, dropout) for t in seqs for p in policies]
+
+
+GRIDS = {
+    # (shape, micro_batch, seq, policy, lora dropout)
+    "cpu": _rows("tiny", (512, 2048), ("off",)) + _rows("tiny", (2048,), ("full",), micro=4)
+           + _rows("smollm2-135m", (256,), ("off",)) + _rows("smollm2-135m", (1024,), ("off", "selective", "full"))
+           + _rows("smollm2-135m", (2048,), ("selective", "full"), micro=2)
+           # rows the CPU heap-retention constants were not fit on (plan.CPU_RETAIN*)
+           + _rows("tiny", (8192,), ("off", "selective")) + _rows("smollm2-135m", (512,), ("selective",))
+           + _rows("smollm2-135m", (2048,), ("off", "selective")) + _rows("smollm2-135m", (1024,), ("full",), micro=2),
+    "gpu": _rows("llama3-70b", (2048,), ("full", "selective")) + _rows("llama3-70b", (512,), ("off", "full"))
+           + _rows("llama3-70b", (2048,), ("off",)) + _rows("llama3-70b", (8192,), ("full",))
+           + _rows("llama3-8b", (512, 2048), ("off", "full"))
+           + _rows("llama3-8b", (2048,), ("full", "selective", "offload"), micro=4)
+           + _rows("llama3-8b", (8192,), ("off", "full", "selective", "offload"))
+           + _rows("llama3-8b", (2048,), ("off",), dropout=0.0) + _rows("llama3-8b", (2048,), ("selective",), 4, 0.0)
+           + _rows("llama3-8b", (8192,), ("selective",), dropout=0.0)
+           + _rows("smollm2-135m", (512, 2048, 8192), ("off", "full")) + _rows("smollm2-135m", (2048,), ("selective",))
+           + _rows("smollm2-135m", (2048,), ("off",), dropout=0.0)
+           + _rows("tiny", (512, 2048, 8192), ("off", "full")),
+    "smoke": _rows("tiny", (128,), ("off",)) + _rows("tiny", (128,), ("selective", "full"), micro=2),
+}
+
+
+def capped(shape: str, seq: int, policy: str, device: str) -> bool:
+    """The rows of the seed's claim: Llama-3-70B shape at 2048 tokens with checkpointing, torch's
+    allocator capped at 48 GiB."""
+    return device == "cuda" and shape == "llama3-70b" and seq == 2048 and policy != "off"
 
 
 def make_cfg(shape: str, micro: int, seq: int, policy: str, device: str, dropout: float = DROPOUT):
@@ -68,7 +90,23 @@ def _vm(field: str) -> int:
     return 0
 
 
-def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: int) -> None:
+def _heap() -> dict:
+    """glibc's view of the heap (mallinfo2): bytes in use, in the arenas, mmapped; {} off glibc."""
+    try:
+        import ctypes
+
+        class MI(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MI
+        m = libc.mallinfo2()
+        return dict(heap_in_use=m.uordblks + m.hblkhd, heap_arena=m.arena, heap_mmapped=m.hblkhd)
+    except (OSError, AttributeError):
+        return {}
+
+
+def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: int, steps_cpu: int) -> None:
     """One process: build the shape once, run each setting, append a JSON record per setting."""
     import torch
     from fourbit.model import quiet_bitsandbytes
@@ -82,10 +120,12 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
     if device.type == "cuda":
         torch.cuda.synchronize()
         after_build = torch.cuda.memory_allocated()
-    for micro, seq, policy in settings:
-        rec = dict(shape=shape, micro=micro, seq=seq, policy=policy, device=device.type, build_s=round(build_s, 1))
-        cfg = make_cfg(shape, micro, seq, policy, device.type)
-        cap = device.type == "cuda" and shape == "llama3-70b" and seq == 2048 and policy == "full"
+    for micro, seq, policy, dropout in settings:
+        rec = dict(shape=shape, micro=micro, seq=seq, policy=policy, dropout=dropout, device=device.type,
+                   build_s=round(build_s, 1))
+        cfg = make_cfg(shape, micro, seq, policy, device.type, dropout)
+        cap = capped(shape, seq, policy, device.type)
+        run = None
         try:
             run = prepare(model, cfg, policy)
             zero_step(run)                               # AdamW states exist before the measured step
@@ -97,7 +137,7 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
                     total = torch.cuda.get_device_properties(0).total_memory
                     torch.cuda.set_per_process_memory_fraction(CAP_70B / total)
                     rec["allocator_cap_gib"] = CAP_70B / GiB
-            n = steps_70b if cap else 1
+            n = steps_70b if cap else (steps_cpu if device.type == "cpu" else 1)
             losses, times = [], []
             for s in range(n):
                 t = time.perf_counter()
@@ -109,16 +149,16 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
                 rec.update(peak_allocated=torch.cuda.max_memory_allocated(),
                            peak_reserved=torch.cuda.max_memory_reserved(),
                            outside_torch=(total - free) - torch.cuda.memory_reserved(),
-                           model_allocated=after_build)
-                if cap:
-                    torch.cuda.set_per_process_memory_fraction(1.0)
+                           on_gpu_after=total - free, model_allocated=after_build)
             else:
-                rec.update(peak_rss=_vm("VmHWM"), rss_imports=rss_imports)
+                rec.update(peak_rss=_vm("VmHWM"), rss_after=_vm("VmRSS"), rss_imports=rss_imports, **_heap())
         except torch.cuda.OutOfMemoryError as e:
             rec["error"] = "OOM: " + str(e).split("\n")[0][:200]
         finally:
             run = None
             if device.type == "cuda":
+                if cap:
+                    torch.cuda.set_per_process_memory_fraction(1.0)
                 torch.cuda.empty_cache()
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -126,22 +166,33 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
 
 
 def table(records: list, preds: dict) -> str:
-    rows = ["| shape | micro x seq | ckpt | predicted | measured | error | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| shape | micro x seq | ckpt | dropout | predicted | measured | error | note |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        key = (r["shape"], r["micro"], r["seq"], r["policy"])
+        key = (r["shape"], r["micro"], r["seq"], r["policy"], r.get("dropout", DROPOUT))
         p = preds.get(key)
         meas = r.get("peak_reserved") or r.get("peak_rss")
+        head = f"| {r['shape']} | {r['micro']} x {r['seq']} | {r['policy']} | {key[4]:g} | "
         if "error" in r or meas is None or p is None:
-            rows.append(f"| {r['shape']} | {r['micro']} x {r['seq']} | {r['policy']} | "
-                        f"{(p or 0) / GiB:.2f} GiB | - | - | {r.get('error', '')[:60]} |")
+            rows.append(head + f"{(p or 0) / GiB:.2f} GiB | - | - | {r.get('error', '')[:60]} |")
             continue
         err = 100 * (p - meas) / meas
         note = f"{r.get('s_per_step', 0):.2f} s/step"
         if "allocator_cap_gib" in r:
-            note += f"; allocator capped at {r['allocator_cap_gib']:.0f} GiB; losses {r['losses']}"
-        rows.append(f"| {r['shape']} | {r['micro']} x {r['seq']} | {r['policy']} | {p / GiB:.2f} GiB | "
-                    f"{meas / GiB:.2f} GiB | {err:+.1f}% | {note} |")
+            note += (f"; allocator capped at {r['allocator_cap_gib']:.0f} GiB, {r['on_gpu_after'] / GiB:.2f} GiB on the "
+                     f"GPU after; losses {r['losses']}")
+        rows.append(head + f"{p / GiB:.2f} GiB | {meas / GiB:.2f} GiB | {err:+.1f}% | {note} |")
     return "\n".join(rows)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() + ("+dirty" if subprocess.run(
+            ["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=10).stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 def main() -> None:
@@ -151,37 +202,48 @@ def main() -> None:
     ap.add_argument("--out", default="memory_plan.jsonl")
     ap.add_argument("--only", default=None, help="comma list of shapes to run")
     ap.add_argument("--steps-70b", type=int, default=3)
+    ap.add_argument("--steps-cpu", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
+    ap.add_argument("--budget-s", type=int, default=0, help="start no shape after this many seconds (0: no limit)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = a.device or ("cuda" if a.grid == "gpu" else "cpu")
     if a.worker:
-        worker(a.worker, json.loads(a.settings), device, a.out, a.steps_70b)
+        worker(a.worker, json.loads(a.settings), device, a.out, a.steps_70b, a.steps_cpu)
         return
+    t_start = time.perf_counter()
     grid = [g for g in GRIDS[a.grid] if a.only is None or g[0] in a.only.split(",")]
     specs, preds = {}, {}
     from fourbit.plan_model import model_spec
-    for shape, micro, seq, policy in grid:
-        spec = specs.setdefault(shape, model_spec(f"shape:{shape}"))
-        rep, parts = predict(shape, micro, seq, policy, device, spec)
-        preds[(shape, micro, seq, policy)] = rep.allocator_peak
-        with open(a.out + ".pred", "a") as f:
-            f.write(json.dumps(dict(shape=shape, micro=micro, seq=seq, policy=policy, predicted=rep.allocator_peak,
-                                    predicted_total=rep.total, parts=parts)) + "\n")
+    pred_path = (a.out[:-len(".jsonl")] if a.out.endswith(".jsonl") else a.out) + ".pred.jsonl"
+    stamp = dict(commit=_commit(), time=time.strftime("%Y-%m-%d %H:%M:%S"), device=device)
+    with open(pred_path, "w") as f:                    # the plan before the run
+        for shape, micro, seq, policy, dropout in grid:
+            spec = specs.setdefault(shape, model_spec(f"shape:{shape}"))
+            rep, parts = predict(shape, micro, seq, policy, device, spec, dropout)
+            preds[(shape, micro, seq, policy, dropout)] = rep.allocator_peak
+            f.write(json.dumps(dict(shape=shape, micro=micro, seq=seq, policy=policy, dropout=dropout,
+                                    predicted=rep.allocator_peak, predicted_total=rep.total, parts=parts,
+                                    **stamp)) + "\n")
+    print(f"predictions written to {pred_path} ({stamp['commit']}, {stamp['time']})", flush=True)
     groups: list = []
-    for shape, micro, seq, policy in grid:
+    for shape, micro, seq, policy, dropout in grid:
         if device == "cpu" or not groups or groups[-1][0] != shape:
             groups.append((shape, []))
-        groups[-1][1].append((micro, seq, policy))
+        groups[-1][1].append((micro, seq, policy, dropout))
     if os.path.exists(a.out):
         os.remove(a.out)
     for shape, settings in groups:
+        if a.budget_s and time.perf_counter() - t_start > a.budget_s:
+            print(f"{shape} {settings}: skipped (--budget-s {a.budget_s} spent)", flush=True)
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", shape, "--settings", json.dumps(settings),
-               "--device", device, "--out", a.out, "--steps-70b", str(a.steps_70b)]
+               "--device", device, "--out", a.out, "--steps-70b", str(a.steps_70b), "--steps-cpu", str(a.steps_cpu)]
         t = time.perf_counter()
+        left = a.budget_s - (t - t_start) + 30 if a.budget_s else a.timeout
         try:
-            p = subprocess.run(cmd, timeout=a.timeout, capture_output=True, text=True)
+            p = subprocess.run(cmd, timeout=max(30, min(a.timeout, left)), capture_output=True, text=True)
             tail = (p.stdout + p.stderr).strip().splitlines()
             bad = p.returncode != 0
         except subprocess.TimeoutExpired:
@@ -189,6 +251,7 @@ def main() -> None:
         print(f"{shape} {settings}: {time.perf_counter() - t:.0f}s" + (f" FAILED: {' | '.join(tail[-6:])}" if bad else ""),
               flush=True)
     records = [json.loads(l) for l in open(a.out)] if os.path.exists(a.out) else []
+    print(f"total {time.perf_counter() - t_start:.0f}s")
     print(table(records, preds))
 
 

@@ -43,7 +43,13 @@ CUDA_CONTEXT = 750 * MiB       # CUDA context + libraries, outside torch's alloc
 ALLOCATOR_SLACK = 0.6          # caching allocator: reserved over allocated, share of the largest transient
                                # (fit to the H200 run in benchmarks/RESULTS.md: 0.4-1.0 seen)
 CPU_PROCESS = 480 * MiB        # python + torch + transformers + bitsandbytes + fourbit, resident
-CPU_ROOM = {"off": 0.5}        # auto on CPU: share of the budget a policy's plan may take (see `plan`)
+CPU_ROOM = {"off": 0.9, "selective": 0.9, "full": 0.9}   # auto on CPU: share of the budget a policy's plan may take
+# CPU: glibc's heap keeps freed blocks resident, so peak RSS exceeds the live bytes. Empirical, fit on
+# SmolLM2-135M / tiny (benchmarks/RESULTS.md, CPU): about this share of the step's largest transient ...
+CPU_RETAIN = 0.85
+# ... and with `full` (torch.utils.checkpoint: the layer's forward runs in grad mode, its graph's small
+# allocations pin the freed activations' blocks) this share of each layer's `off` activations.
+CPU_RETAIN_CKPT = 0.5
 
 
 @dataclass
@@ -288,11 +294,16 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
     n_loss = mb * (T - 1)
     from .kernels.lm_loss import chunk_tokens
     chunk = min(chunk_tokens(spec.vocab), n_loss)                  # as train/loss.py picks it
-    loss_tr = 8 * chunk * spec.vocab + 2 * hid * tok               # fp32 logits + logsumexp temp; hidden copies
+    # a chunk's logits: CUDA's kernel overwrites the bf16 logits with dz (2V a token); the CPU path adds
+    # an fp32 copy and a bf16 dz (8V); the previous chunk's dz is still referenced while the next is
+    # computed (2V a token of it), so from the second chunk on both are alive
+    per_tok = (2 if device == "cuda" else 8) * spec.vocab
+    nxt = min(chunk, n_loss - chunk)
+    loss_tr = max(per_tok * chunk, 2 * spec.vocab * chunk + per_tok * nxt) + 2 * hid * tok   # + hidden copies
     act_dev = rep.part("act")
     step_tr = (4 * n_lora if flat else 0) - act_dev           # flat.grad gathered once the activations are freed
     if loss_tr >= bwd_tr and loss_tr >= step_tr:
-        add("loss", f"loss: LM head + cross-entropy over {chunk} tokens x {spec.vocab} vocab (fp32)", int(loss_tr))
+        add("loss", f"loss: LM head + cross-entropy, chunks of {chunk} tokens x {spec.vocab} vocab", int(loss_tr))
     elif bwd_tr >= step_tr:
         add("backward", f"backward peak: {bwd_what}", int(bwd_tr))
     else:
@@ -305,6 +316,10 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
         add("context", "CUDA context and libraries", CUDA_CONTEXT, "outside")
     else:
         add("runtime", "the process itself (python, torch, transformers, bitsandbytes)", CPU_PROCESS)
+        retain = CPU_RETAIN * max(loss_tr, bwd_tr)
+        if mode == "full":
+            retain = max(retain, CPU_RETAIN_CKPT * tok * L * per_layer)
+        add("heap", "freed heap blocks glibc keeps resident (empirical)", int(retain))
     if not spec.llama_like:
         rep.notes.append(f"`{spec.model_type}` is not a Llama-style model: activations are an approximation.")
     elif policy in ("selective", "offload") and not spec.splittable:

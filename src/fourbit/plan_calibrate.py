@@ -32,13 +32,16 @@ def prepare(model, cfg, policy: str, host_memory: bool = False):
     The data fields of the Run are filled per step by `one_step`. host_memory: on CPU, return the
     heap's freed pages to the OS at layer boundaries (`train.host_memory`, as `fourbit train` does).
     """
-    from .lora import FlatLoRA, LoRALinear, apply_lora, lora_parameters
+    from .lora import FastDropout, FlatLoRA, LoRALinear, apply_lora, lora_parameters
     from .train.activations import apply_checkpointing
     from .train.loop import Plan, Run, _build_optimizer
     from .data import collate
     device = next(p for p in model.parameters()).device
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    for m in model.modules():                  # a reused model takes this config's dropout (as apply_lora would)
+        if isinstance(m, LoRALinear) and getattr(m.lora_dropout, "p", 0.0) != cfg.lora.dropout:
+            m.lora_dropout = FastDropout(cfg.lora.dropout) if cfg.lora.dropout > 0 else torch.nn.Identity()
     policy = policy if cfg.train.grad_checkpointing else "off"
     apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
                         fuse=device.type == "cuda")
