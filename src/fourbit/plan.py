@@ -468,7 +468,7 @@ def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None
     """The plan for a run config: model shapes from the config alone, budget given or detected.
 
     checkpointing_policy auto takes the fastest policy of `policy_order` whose peak fits the budget
-    (CUDA: off, selective, offload; CPU: off, selective, full), the last one when none does."""
+    (CUDA: off, selective, offload; CPU: off, selective, full), the smallest when none does."""
     if device is None:
         from .model import resolve_device
         device = resolve_device(cfg.train.device).type
@@ -479,7 +479,8 @@ def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None
     policy, auto = None, cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto"
     if auto and budget is not None:
         room = {p: CPU_ROOM.get(p, 1.0) for p in order} if device != "cuda" else {}
-        policy = next((p for p in order if by_policy[p] <= budget * room.get(p, 1.0)), order[-1])
+        policy = next((p for p in order if by_policy[p] <= budget * room.get(p, 1.0)),
+                      min(order, key=by_policy.get))                   # none fits: the smallest (advice follows)
     rep = estimate(cfg, spec, device, policy=policy)
     rep.budget, rep.budget_label = budget, label
     rep.auto, rep.by_policy = auto and policy is not None, by_policy
