@@ -239,11 +239,18 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
     else:
         add("optim", f"optimizer states ({opt}: AdamW m and v)", states)
 
+    fast = device == "cuda" and spec.splittable          # CUDA: fuse_layers and the LoRA fast path
+    if fast:   # lora.cache_optimizer_steps: bf16 A and s*B per adapted linear, + the stacked A of each group
+        grouped = sum(r * l.in_features for l in chosen if cfg.lora.dropout == 0 and l.role in
+                      ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+        add("lora_lowp", "LoRA weights cast to 16 bits once per optimizer step (cached)",
+            DTYPE_BYTES[cfg.quant.compute_dtype] * (n_lora + grouped))
+
     # activations
     tok = mb * T
     H, I, L = spec.hidden, spec.intermediate, max(spec.layers, 1)
     Q, kv = spec.heads * spec.head_dim, (spec.heads if masked else spec.kv_heads) * spec.head_dim
-    fused = device == "cuda" and spec.splittable
+    fused = fast
     tset = {l.role for l in chosen}
     kw = dict(spec=spec, d=d, targets=tset, r=r, dropout=cfg.lora.dropout > 0, masked=masked, seq=T, fused=fused)
     parts = layer_parts(**kw)

@@ -28,11 +28,12 @@ def prepare(model, cfg, policy: str, host_memory: bool = False):
     Mirrors prepare_run line for line: LoRA (applied once per model; later calls reuse it), the
     checkpointing `policy` through `apply_checkpointing(tokens=micro x max_length, fuse=CUDA)`
     ("off" when `train.grad_checkpointing` is false), `FlatLoRA` (one fp32 buffer and one optimizer
-    tensor for all adapters) unless the optimizer is paged_adamw_8bit, `_build_optimizer` over it.
+    tensor for all adapters) unless the optimizer is paged_adamw_8bit, `_build_optimizer` over it,
+    `cache_optimizer_steps` (the bf16 casts of A and s*B made once per optimizer step).
     The data fields of the Run are filled per step by `one_step`. host_memory: on CPU, return the
     heap's freed pages to the OS at layer boundaries (`train.host_memory`, as `fourbit train` does).
     """
-    from .lora import FastDropout, FlatLoRA, LoRALinear, apply_lora, lora_parameters
+    from .lora import FastDropout, FlatLoRA, LoRALinear, apply_lora, cache_optimizer_steps, lora_parameters
     from .train.activations import apply_checkpointing
     from .train.loop import Plan, Run, _build_optimizer
     from .data import collate
@@ -53,6 +54,7 @@ def prepare(model, cfg, policy: str, host_memory: bool = False):
     flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
     params = [flat.flat] if flat is not None else lora_parameters(model)
     opt = _build_optimizer(cfg, params, device)
+    cache_optimizer_steps(opt)        # A and s*B cast once per optimizer step for the GPU fast path
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = type("Tok", (), {"pad_token_id": 0})()
     return Run(cfg, model, tok, device, [], [], [], opt, sched, Plan([], [], 1), params, collate,
