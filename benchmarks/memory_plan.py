@@ -44,7 +44,7 @@ GRIDS = {
            # rows the CPU heap-retention constants were not fit on (plan.CPU_RETAIN*)
            + _rows("tiny", (8192,), ("off", "selective")) + _rows("smollm2-135m", (512,), ("selective",))
            + _rows("smollm2-135m", (2048,), ("off", "selective")) + _rows("smollm2-135m", (1024,), ("full",), micro=2),
-    "gpu": _rows("llama3-70b", (2048,), ("full", "selective")) + _rows("llama3-70b", (512,), ("off", "full"))
+    "gpu": _rows("llama3-70b", (2048,), ("full", "offload")) + _rows("llama3-70b", (512,), ("off", "full"))
            + _rows("llama3-70b", (2048,), ("off",)) + _rows("llama3-70b", (8192,), ("full",))
            + _rows("llama3-8b", (512, 2048), ("off", "full"))
            + _rows("llama3-8b", (2048,), ("full", "selective", "offload"), micro=4)

@@ -1,26 +1,40 @@
 """`fourbit plan`: peak training memory predicted from the model's config alone, and the `train` gate.
 
-The prediction is a sum of named terms (the breakdown the command prints):
+The prediction is a sum of named terms (the breakdown the command prints), for the step as
+`train.loop.prepare_run` sets it up (one flat fp32 adapter buffer `FlatLoRA` with one optimizer tensor;
+on CUDA `fuse_layers` and the LoRA fast path, bf16 A and s*B cached per optimizer step):
 
     persistent  NF4 weights + scales (exact bytes), 16-bit embeddings / LM head / norms,
-                LoRA weights, their gradients and optimizer states (fp32)
-    saved       activations autograd keeps for backward: every layer's (policy `off`), or each
-                layer's input plus one recomputed layer (`full`), or one layer's input on the GPU
-                with the rest in host memory (`offload`); per-token bytes in `layer_saved_bytes`
-    transient   the larger of the loss chunk (fp32 logits of one loss chunk x vocab, twice while
-                logsumexp runs) and one layer's backward (MLP gradients + one dequantized weight)
+                LoRA weights (the flat buffer), their gradients, optimizer states (fp32; paged on CUDA)
+    saved       activations autograd keeps for backward, by checkpointing policy (`estimate`):
+                  off        every layer's (per-token bytes in `layer_parts`)
+                  full       each layer's input (tokens x hidden), one whole layer recomputed in backward
+                  selective  each layer's input x and mid-layer residual h (2 tensors a layer); backward
+                             recomputes the MLP branch from h, then the attention branch from x, so the
+                             transient is the larger branch, not the layer (Llama/Mistral/Qwen2/Qwen3;
+                             other layers run as full)
+                  offload    selective with x and h in pinned host RAM, 2 in flight on the GPU
+                             (CPU: selective; unsplittable layers: their input on the host, whole recompute)
+    transient   the largest of the loss chunks (CUDA's kernel holds a chunk's bf16 logits, 2V bytes a
+                token; the CPU path 8V; two chunks overlap), one backward (recomputed layer / branch +
+                its gradients + one dequantized weight), the optimizer step (the gathered flat gradient)
     runtime     CUDA: cuBLAS workspaces and allocator slack (inside the caching allocator) and the
-                CUDA context (outside it); CPU: the Python + torch + transformers process itself.
+                CUDA context (outside it); CPU: the process itself, and the freed heap blocks glibc keeps
+                resident (an empirical term, CPU_RETAIN*; benchmarks/RESULTS.md)
 
 Where the per-token activation bytes come from (Llama-style layer, d = bytes of the compute dtype),
-read off autograd's saved tensors (tests/test_plan.py counts them on a real model and compares):
-    each RMSNorm      4H      (its fp32 upcast of the input; layer 0's first norm saves nothing)
+read off autograd's saved tensors (tests/test_plan.py counts them on a real model, per layer for
+`off` and per recomputed branch for `selective`, and compares):
+    each RMSNorm      4H + 4 (transformers: fp32 upcast; layer 0's first norm saves nothing);
+                      fused (CUDA): its input, d*H (the layer input x or the residual h), + 4
     LoRA input        d*in + in per adapted linear with dropout (dropout output + bool mask);
-                      without dropout d*in once per distinct input (q/k/v share one, gate/up one)
-    attention (SDPA)  d*(2Q + 2K) + 4*heads  (q, k, v, output, fp32 logsumexp); with a mask
-                      (padding, packing) K becomes Q (k/v repeated) and the mask adds d*T per token
-    MLP               3*d*I   (gate output, SiLU output, up output)
-    LoRA rank         d*r per adapted linear
+                      without dropout d*in once per distinct input (q/k/v share one, gate/up one:
+                      on CUDA these are the group GEMMs' saved x)
+    attention (SDPA)  d*(2Q + 2K) + 4*heads  (q, k, v, output, fp32 logsumexp; the fused RoPE kernel
+                      writes q, k, v as their own tensors); with a mask (padding, packing) K becomes Q
+                      (k/v repeated) and the mask adds d*T per token
+    MLP               3*d*I (gate, silu(gate), up); fused SwiGLU (CUDA): 2*d*I
+    LoRA rank         d*r per adapted linear; the CPU path also keeps bf16 casts of A and B per layer
 """
 from __future__ import annotations
 

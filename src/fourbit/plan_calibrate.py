@@ -22,7 +22,7 @@ def random_nf4_model(shape: str, device: torch.device, seed: int = 0, overrides:
     return build_random_model(shape, device, seed=seed, config_overrides=overrides)
 
 
-def prepare(model, cfg, policy: str, host_memory: bool = False):
+def prepare(model, cfg, policy: str):
     """Set `model` up for training as `prepare_run` does and return the `train.loop.Run` of one step.
 
     Mirrors prepare_run line for line: LoRA (applied once per model; later calls reuse it), the
@@ -30,8 +30,7 @@ def prepare(model, cfg, policy: str, host_memory: bool = False):
     ("off" when `train.grad_checkpointing` is false), `FlatLoRA` (one fp32 buffer and one optimizer
     tensor for all adapters) unless the optimizer is paged_adamw_8bit, `_build_optimizer` over it,
     `cache_optimizer_steps` (the bf16 casts of A and s*B made once per optimizer step).
-    The data fields of the Run are filled per step by `one_step`. host_memory: on CPU, return the
-    heap's freed pages to the OS at layer boundaries (`train.host_memory`, as `fourbit train` does).
+    The data fields of the Run are filled per step by `one_step`.
     """
     from .lora import FastDropout, FlatLoRA, LoRALinear, apply_lora, cache_optimizer_steps, lora_parameters
     from .train.activations import apply_checkpointing
@@ -46,10 +45,6 @@ def prepare(model, cfg, policy: str, host_memory: bool = False):
     policy = policy if cfg.train.grad_checkpointing else "off"
     apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
                         fuse=device.type == "cuda")
-    if host_memory:
-        from .train import host_memory as hm
-        if getattr(model, "_fourbit_host_memory", None) is None:
-            model._fourbit_host_memory = hm.install(model)
     model.train()
     flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
     params = [flat.flat] if flat is not None else lora_parameters(model)
