@@ -91,7 +91,8 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
               chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True,
-              sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True) -> dict:
+              sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True,
+              sdpa: Optional[str] = None) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
@@ -148,10 +149,14 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     if gc_off:
         gc.collect()
         gc.disable()
+    import contextlib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = (sdpa_kernel([getattr(SDPBackend, sdpa.upper())]) if sdpa else contextlib.nullcontext())
     try:
-        res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
-        if profile_path:
-            _profile(step, dev, profile_path)
+        with backend:
+            res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
+            if profile_path:
+                _profile(step, dev, profile_path)
     finally:
         gc.enable()
         if hook is not None:
@@ -326,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -388,7 +393,8 @@ def main(argv: list[str]) -> int:
                             flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
                             chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts,
                             ce_kernel="noce" not in opts, sync_each_step="nosync" not in opts,
-                            gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts, **common)
+                            gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts,
+                            sdpa=next((o[5:] for o in opts if o.startswith("sdpa=")), None), **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
         print("RESULT " + json.dumps(res), flush=True)
         results.append(res)
