@@ -154,6 +154,10 @@ def worker(shape: str, settings: list, device_name: str, out: str, steps_70b: in
                 rec.update(peak_rss=_vm("VmHWM"), rss_after=_vm("VmRSS"), rss_imports=rss_imports, **_heap())
         except torch.cuda.OutOfMemoryError as e:
             rec["error"] = "OOM: " + str(e).split("\n")[0][:200]
+        except Exception as e:                          # one broken row must not lose the shape's others
+            import traceback
+            traceback.print_exc()
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         finally:
             run = None
             if device.type == "cuda":
