@@ -316,11 +316,9 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
     from .kernels.lm_loss import chunk_tokens
     chunk = min(chunk_tokens(spec.vocab), n_loss)                  # as train/loss.py picks it
     # a chunk's logits: CUDA's kernel overwrites the bf16 logits with dz (2V a token); the CPU path adds
-    # an fp32 copy and a bf16 dz (8V); the previous chunk's dz is still referenced while the next is
-    # computed (2V a token of it), so from the second chunk on both are alive
+    # an fp32 copy and a bf16 dz (8V); a chunk's buffers are freed before the next chunk's exist
     per_tok = (2 if device == "cuda" else 8) * spec.vocab
-    nxt = min(chunk, n_loss - chunk)
-    loss_tr = max(per_tok * chunk, 2 * spec.vocab * chunk + per_tok * nxt) + 2 * hid * tok   # + hidden copies
+    loss_tr = per_tok * chunk + 2 * hid * tok                      # + hidden copies
     act_dev = rep.part("act")
     step_tr = (4 * n_lora if flat else 0) - act_dev           # flat.grad gathered once the activations are freed
     if loss_tr >= bwd_tr and loss_tr >= step_tr:

@@ -180,6 +180,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 grad_h.index_copy_(0, r, (dz @ weight).to(hidden.dtype))             # (C, H)
             if grad_w is not None:
                 grad_w += dz.T @ h                                                   # (V, H)
+            del zl, dz, row_loss      # before the next chunk's logits exist: one chunk's buffers at a time
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
