@@ -54,6 +54,13 @@ GRIDS = {
            + _rows("smollm2-135m", (512, 2048, 8192), ("off", "full")) + _rows("smollm2-135m", (2048,), ("selective",))
            + _rows("smollm2-135m", (2048,), ("off",), dropout=0.0)
            + _rows("tiny", (512, 2048, 8192), ("off", "full")),
+    # settings the constants were not fit on (run after the gpu grid, predictions written first)
+    "verify": [("llama3-70b", 1, 4096, "offload", 0.05), ("llama3-70b", 2, 1024, "full", 0.0),
+               ("llama3-8b", 2, 4096, "full", 0.05), ("llama3-8b", 2, 1024, "off", 0.05),
+               ("llama3-8b", 1, 4096, "selective", 0.0), ("llama3-8b", 8, 1024, "offload", 0.0),
+               ("smollm2-135m", 4, 1024, "full", 0.05), ("smollm2-135m", 2, 4096, "off", 0.0),
+               ("smollm2-135m", 1, 4096, "selective", 0.05), ("smollm2-135m", 1, 1024, "offload", 0.05),
+               ("tiny", 4, 1024, "full", 0.05), ("tiny", 2, 4096, "off", 0.05)],
     "smoke": _rows("tiny", (128,), ("off",)) + _rows("tiny", (128,), ("selective", "full"), micro=2),
 }
 
@@ -209,6 +216,9 @@ def main() -> None:
     ap.add_argument("--steps-cpu", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     ap.add_argument("--budget-s", type=int, default=0, help="start no shape after this many seconds (0: no limit)")
+    ap.add_argument("--fresh", default="tiny,smollm2-135m",
+                    help="GPU: shapes whose settings each run in their own process (as a real run does; a small "
+                         "shape's peak is otherwise lifted by segments the previous setting left reserved)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -233,7 +243,7 @@ def main() -> None:
     print(f"predictions written to {pred_path} ({stamp['commit']}, {stamp['time']})", flush=True)
     groups: list = []
     for shape, micro, seq, policy, dropout in grid:
-        if device == "cpu" or not groups or groups[-1][0] != shape:
+        if device == "cpu" or shape in a.fresh.split(",") or not groups or groups[-1][0] != shape:
             groups.append((shape, []))
         groups[-1][1].append((micro, seq, policy, dropout))
     if os.path.exists(a.out):
