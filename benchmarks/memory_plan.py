@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    device = a.device or ("cuda" if a.grid == "gpu" else "cpu")
+    device = a.device or ("cuda" if a.grid in ("gpu", "verify") else "cpu")
     if a.worker:
         worker(a.worker, json.loads(a.settings), device, a.out, a.steps_70b, a.steps_cpu)
         return
