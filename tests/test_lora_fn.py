@@ -207,12 +207,12 @@ def _lora_layer(device="cpu"):
 def test_lowp_cache_is_per_step_and_invalidated_by_the_optimizer_hook():
     """Cached (A, s*B) casts: reused between optimizer steps, refreshed after each step (also when the
     optimizer writes behind autograd's back, as bitsandbytes' kernels do), never cached when off."""
-    from fourbit.lora import cache_optimizer_steps, lowp_cache
+    from fourbit.lora import cache_optimizer_steps
     lin = _lora_layer()
     a1, b1 = lin.lowp(torch.bfloat16)
     assert lin.lowp(torch.bfloat16)[0] is not a1                    # off: a fresh cast each call
     opt = torch.optim.SGD([lin.lora_A.weight, lin.lora_B.weight], lr=0.1)
-    hook = cache_optimizer_steps(opt)
+    hook = cache_optimizer_steps(opt, lin)
     try:
         a1, b1 = lin.lowp(torch.bfloat16)
         assert lin.lowp(torch.bfloat16)[0] is a1                    # cached within a step
@@ -231,7 +231,7 @@ def test_lowp_cache_is_per_step_and_invalidated_by_the_optimizer_hook():
         assert lin.lowp(torch.bfloat16)[1] is not b2
     finally:
         hook.remove()
-        lowp_cache(False)
+    assert lin.lowp(torch.bfloat16)[0] is not lin.lowp(torch.bfloat16)[0]   # removed: no cache again
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -240,7 +240,7 @@ def test_lowp_cache_trains_identically_with_paged_adamw():
     casts give bit-identical weights to casting per call."""
     import bitsandbytes as bnb
     from fourbit.config import LoraConfig
-    from fourbit.lora import FlatLoRA, apply_lora, cache_optimizer_steps, lowp_cache
+    from fourbit.lora import FlatLoRA, apply_lora, cache_optimizer_steps
     from fourbit.shapes import build_random_model
     from fourbit.train.activations import apply_checkpointing
     from fourbit.train.loss import causal_lm_loss
@@ -253,7 +253,7 @@ def test_lowp_cache_trains_identically_with_paged_adamw():
         model.train()
         fl = FlatLoRA(model)
         opt = bnb.optim.PagedAdamW32bit([fl.flat], lr=1e-2)
-        hook = cache_optimizer_steps(opt) if cached else None
+        hook = cache_optimizer_steps(opt, model) if cached else None
         for _ in range(3):
             ls, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
             (ls / n).backward()
@@ -262,7 +262,30 @@ def test_lowp_cache_trains_identically_with_paged_adamw():
             fl.zero_grad()
         if hook is not None:
             hook.remove()
-        lowp_cache(False)
         finals.append((float(ls), fl.flat.detach().clone()))
     assert finals[0][0] == finals[1][0]
     assert torch.equal(finals[0][1], finals[1][1])
+
+
+def test_group_lowp_cache_follows_its_members_clock():
+    """LoRAGroup's stacked casts: cached while the members' optimizer clock stands, refreshed after a step."""
+    from fourbit.lora import LoRAGroup, cache_optimizer_steps
+    import torch.nn as nn
+    ms = [_lora_layer(), _lora_layer()]
+    holder = nn.ModuleList(ms)
+    grp = LoRAGroup(ms)
+    opt = torch.optim.SGD([p for m in ms for p in (m.lora_A.weight, m.lora_B.weight)], lr=0.1)
+    a0, _ = grp.lowp(torch.bfloat16)
+    assert grp.lowp(torch.bfloat16)[0] is not a0                  # no clock: no cache
+    h = cache_optimizer_steps(opt, holder)
+    a1, bs1 = grp.lowp(torch.bfloat16)
+    assert grp.lowp(torch.bfloat16)[0] is a1
+    torch.testing.assert_close(a1, torch.cat([m.lora_A.weight.to(torch.bfloat16) for m in ms]), rtol=0, atol=0)
+    for m in ms:
+        m.lora_A.weight.grad = torch.ones_like(m.lora_A.weight)
+    opt.step()
+    a2, _ = grp.lowp(torch.bfloat16)
+    assert a2 is not a1
+    torch.testing.assert_close(a2, torch.cat([m.lora_A.weight.detach().to(torch.bfloat16) for m in ms]), rtol=0, atol=0)
+    h.remove()
+    assert grp._lowp is None and grp.lowp(torch.bfloat16)[0] is not grp.lowp(torch.bfloat16)[0]

@@ -107,7 +107,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
-    from .lora import FlatLoRA, LoRAGroup, apply_lora, cache_optimizer_steps, lora_parameters, lowp_cache as set_lowp
+    from .lora import FlatLoRA, LoRAGroup, apply_lora, cache_optimizer_steps, lora_parameters
     from .train.activations import Switches, apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
@@ -123,7 +123,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     fl = FlatLoRA(model) if flat else None
     params = [fl.flat] if fl else lora_parameters(model)
     opt = _optimizer(params, dev, lr, wd)
-    hook = cache_optimizer_steps(opt) if lowp_cache else None      # as `fourbit train`
+    hook = cache_optimizer_steps(opt, model) if lowp_cache else None      # as `fourbit train`
     total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
 
@@ -161,7 +161,6 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         gc.enable()
         if hook is not None:
             hook.remove()
-        set_lowp(False)
         LoRAGroup.enabled = True
         Switches.split = Switches.rope = True
         lm_loss.USE_KERNEL = True

@@ -71,32 +71,56 @@ class _Frozen4bitMatmul(torch.autograd.Function):
 # The GPU fast path casts A and s*B to the activation dtype for its matmuls. Inside a training loop
 # the weights change only at the optimizer step, so the casts can be made once per step instead of
 # in every forward, backward and recompute (at Llama-3-8B: ~740 small kernels a step fewer). The
-# cache is opt-in (`lowp_cache`): bitsandbytes' optimizers write the weights through raw pointers,
-# which no version counter sees, so whoever turns it on must call `weights_changed()` after every
-# update (the trainer does it in an optimizer step hook). Keys also hold the tensors' version
-# counters and addresses, so torch's own in-place updates and re-bound weights refresh it anyway.
-_LOWP = {"on": False, "gen": 0}
+# cache is opt-in per model (`cache_optimizer_steps`): bitsandbytes' optimizers write the weights
+# through raw pointers, which no version counter sees, so the layers get a clock that the optimizer's
+# step hook advances. Keys also hold the tensors' version counters and addresses, so torch's own
+# in-place updates and re-bound weights refresh it anyway. Layers without a clock never cache.
 
 
-def lowp_cache(on: bool) -> None:
-    """Turn the per-step cache of low-precision LoRA weights on or off (see above)."""
-    _LOWP["on"] = on
-    weights_changed()
+class _Clock:
+    __slots__ = ("gen",)
+
+    def __init__(self):
+        self.gen = 0
+
+    def tick(self, *_args) -> None:
+        self.gen += 1
 
 
-def weights_changed(*_args) -> None:
-    """Invalidate cached low-precision LoRA weights (an optimizer step hook: takes and ignores args)."""
-    _LOWP["gen"] += 1
+class _CacheHandle:
+    """Returned by `cache_optimizer_steps`; `remove()` stops caching and drops the cached copies."""
+
+    def __init__(self, hook, model: nn.Module):
+        self.hook, self.model = hook, model
+
+    def remove(self) -> None:
+        self.hook.remove()
+        for m in self.model.modules():
+            m.__dict__.pop("_lowp_clock", None)
+            m.__dict__.pop("_lowp", None)
+            if isinstance(m, LoRALinear) and "_fourbit_group" in m.__dict__:
+                m.__dict__["_fourbit_group"]._lowp = None
 
 
-def cache_optimizer_steps(opt: torch.optim.Optimizer):
-    """Cache low-precision LoRA weights between the steps of `opt` (invalidated after each step)."""
-    lowp_cache(True)
-    return opt.register_step_post_hook(weights_changed)
+def cache_optimizer_steps(opt: torch.optim.Optimizer, model: nn.Module) -> _CacheHandle:
+    """Cache the low-precision LoRA weights of `model` between the steps of `opt` (see above)."""
+    clock = _Clock()
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.__dict__["_lowp_clock"] = clock
+    return _CacheHandle(opt.register_step_post_hook(clock.tick), model)
 
 
-def _lowp_key(ts, dtype) -> tuple:
-    return (_LOWP["gen"], dtype, *((t.data_ptr(), t._version) for t in ts))
+def weights_changed(model: nn.Module) -> None:
+    """Invalidate `model`'s cached low-precision LoRA weights (after writing them outside an optimizer)."""
+    for m in model.modules():
+        clock = m.__dict__.get("_lowp_clock")
+        if clock is not None:
+            clock.tick()
+
+
+def _lowp_key(clock: "_Clock", ts, dtype) -> tuple:
+    return (clock.gen, dtype, *((t.data_ptr(), t._version) for t in ts))
 
 
 class _FrozenBackwardOnly(torch.autograd.Function):
@@ -192,11 +216,12 @@ class LoRALinear(nn.Module):
         return y
 
     def lowp(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, s*B) in `dtype` for the fast path's matmuls; cached while `lowp_cache` is on."""
+        """(A, s*B) in `dtype` for the fast path's matmuls; cached under `cache_optimizer_steps`."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if not _LOWP["on"]:
+        clock = self.__dict__.get("_lowp_clock")
+        if clock is None:
             return A.detach().to(dtype), (B.detach() * self.scaling).to(dtype)
-        key = _lowp_key((A, B), dtype)
+        key = _lowp_key(clock, (A, B), dtype)
         c = self.__dict__.get("_lowp")
         if c is None or c[0] != key:
             c = self.__dict__["_lowp"] = (key, A.detach().to(dtype), (B.detach() * self.scaling).to(dtype))
@@ -263,7 +288,7 @@ class LoRAGroup:
     def __init__(self, members: list):
         self.members = list(members)
         self.outs = [m.out_features for m in self.members]
-        self._lowp = None                     # (key, (stacked A, [s B_i])) while lowp_cache is on
+        self._lowp = None                     # (key, (stacked A, [s B_i])) under cache_optimizer_steps
         self._cache = None                    # (x, outputs) between the first and the last member's call
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -282,15 +307,16 @@ class LoRAGroup:
                               lowp=self.lowp(x.dtype))
 
     def lowp(self, dtype: torch.dtype) -> tuple:
-        """(stacked A's (k r, in), [s*B_i]) in `dtype`, cached like `LoRALinear.lowp`."""
+        """(stacked A's (k r, in), [s*B_i]) in `dtype`, cached like `LoRALinear.lowp` (members share a clock)."""
         ms = self.members
-        if _LOWP["on"]:
-            key = _lowp_key([t for m in ms for t in (m.lora_A.weight, m.lora_B.weight)], dtype)
+        clock = ms[0].__dict__.get("_lowp_clock")
+        if clock is not None:
+            key = _lowp_key(clock, [t for m in ms for t in (m.lora_A.weight, m.lora_B.weight)], dtype)
             if self._lowp is not None and self._lowp[0] == key:
                 return self._lowp[1]
         parts = [m.lowp(dtype) for m in ms]
         val = (torch.cat([a for a, _ in parts]), [b for _, b in parts])
-        if _LOWP["on"]:
+        if clock is not None:
             self._lowp = (key, val)
         return val
 
@@ -550,5 +576,5 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
             with torch.no_grad():
                 w.copy_(sd[key].to(w.dtype))
         _set_module(model, name, layer)
-    weights_changed()
+    weights_changed(model)
     return acfg

@@ -49,7 +49,7 @@ def prepare(model, cfg, policy: str):
     flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
     params = [flat.flat] if flat is not None else lora_parameters(model)
     opt = _build_optimizer(cfg, params, device)
-    cache_optimizer_steps(opt)        # A and s*B cast once per optimizer step for the GPU fast path
+    cache_optimizer_steps(opt, model)  # A and s*B cast once per optimizer step for the GPU fast path
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = type("Tok", (), {"pad_token_id": 0})()
     return Run(cfg, model, tok, device, [], [], [], opt, sched, Plan([], [], 1), params, collate,

@@ -159,7 +159,7 @@ def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
     flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
     params = [flat.flat] if flat is not None else lora_parameters(model)
     opt = _build_optimizer(cfg, params, device)
-    cache_optimizer_steps(opt)        # A and s*B cast once per optimizer step for the GPU fast path
+    cache_optimizer_steps(opt, model)  # A and s*B cast once per optimizer step for the GPU fast path
     total = len(plan.steps)
     warm = warmup_steps(total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(

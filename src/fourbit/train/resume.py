@@ -121,7 +121,7 @@ def restore(run, ck, changed: bool) -> int:
                                        f"{tuple(w.shape)} ({name}.{part}); it cannot be resumed, even with --force.")
                 w.copy_(t.to(w.device, w.dtype))
     from ..lora import weights_changed
-    weights_changed()                                   # cached low-precision copies are stale
+    weights_changed(run.model)                          # cached low-precision copies are stale
     with guards.quiet_paged_optimizer(run.paged_off_cuda):
         run.optimizer.load_state_dict(ck.optimizer_state)
     run.scheduler.load_state_dict(ck.scheduler_state)   # after the optimizer: it owns the lr written there
