@@ -274,6 +274,8 @@ def test_group_lowp_cache_follows_its_members_clock():
     ms = [_lora_layer(), _lora_layer()]
     holder = nn.ModuleList(ms)
     grp = LoRAGroup(ms)
+    for m in ms:
+        m.__dict__["_fourbit_group"] = grp                        # as fuse_layers attaches it
     opt = torch.optim.SGD([p for m in ms for p in (m.lora_A.weight, m.lora_B.weight)], lr=0.1)
     a0, _ = grp.lowp(torch.bfloat16)
     assert grp.lowp(torch.bfloat16)[0] is not a0                  # no clock: no cache
