@@ -3,12 +3,10 @@
 As in test_kernels_nf4: the interpreter is chosen when a kernel is decorated, so without a GPU the
 kernel tests re-run themselves in a fresh process with TRITON_INTERPRET=1.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _triton_rerun import in_interpreter_or_rerun  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -17,13 +15,7 @@ DEV = "cuda" if ON_GPU else "cpu"
 
 
 def _in_interpreter_or_rerun(request):
-    if ON_GPU or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::{request.node.name}"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    return True
+    return in_interpreter_or_rerun(request, __file__)
 
 
 def _rel(a, b):

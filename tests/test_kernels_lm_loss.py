@@ -16,29 +16,20 @@ torch.logsumexp, so fp32 results differ by fp32 rounding: dz is compared in unit
 The interpreter's fp32 -> bf16 cast truncates instead of rounding, so bf16 dz may be 1 ulp off the
 reference there (fp16 rounds to nearest).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fourbit.kernels import lm_loss as L
 from fourbit.kernels.lm_loss import lm_head_loss, lm_head_loss_reference
+from _triton_rerun import in_interpreter_or_rerun  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 
 
 def _in_interpreter_or_rerun(request):
-    if ON_GPU or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::{request.node.name}"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    return True
+    return in_interpreter_or_rerun(request, __file__)
 
 
 def _problem(dtype, N=300, H=64, V=1000, seed=0):

@@ -5,9 +5,6 @@ kernel tests re-run themselves in a fresh process with TRITON_INTERPRET=1. The i
 fp32 -> bf16 cast truncates instead of rounding to nearest, so bf16 results there may be 1 ulp off
 the reference (fp32 results are bit-identical: no FMA, same operation order).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from fourbit.kernels.rope import rope_qkv, rope_qkv_reference  # noqa: E402
+from _triton_rerun import in_interpreter_or_rerun  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -23,13 +21,7 @@ SHAPES = ((2, 5, 9, 3, 64, 2), (1, 3, 4, 2, 128, 1), (2, 3, 4, 2, 128, 1))
 
 
 def _in_interpreter_or_rerun(request):
-    if ON_GPU or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"{__file__}::{request.node.name}"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    return True
+    return in_interpreter_or_rerun(request, __file__)
 
 
 def _ulps(a, b):

@@ -105,13 +105,7 @@ if triton is not None:
                 tl.store(z_row + cols, p.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting(fn) -> bool:
-    """True when `fn` was decorated under TRITON_INTERPRET=1 (the CPU interpreter)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(fn, InterpretedFunction)
+from . import interpreting as _interpreting   # noqa: E402  (shared by the kernels)
 
 
 # Decided once at import, as in nf4 / rope: the kernel object tells which mode it is in.

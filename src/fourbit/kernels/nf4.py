@@ -206,13 +206,7 @@ if triton is not None:
             tl.store(out_ptr + out_offs, w, mask=out_offs < n_elements)
 
 
-def _interpreting(fn) -> bool:
-    """True when `fn` was decorated under TRITON_INTERPRET=1 (the CPU interpreter)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(fn, InterpretedFunction)
+from . import interpreting as _interpreting   # noqa: E402  (shared by the kernels)
 
 
 # Decided once at import (a constant, not mutable state): the kernel object tells which mode it is in.
