@@ -20,7 +20,7 @@ on CUDA `fuse_layers` and the LoRA fast path, bf16 A and s*B cached per optimize
                 its gradients + one dequantized weight), the optimizer step (the gathered flat gradient)
     runtime     CUDA: cuBLAS workspaces and allocator slack (inside the caching allocator) and the
                 CUDA context (outside it); CPU: the process itself, and the freed heap blocks glibc keeps
-                resident (an empirical term, CPU_RETAIN*; benchmarks/RESULTS.md)
+                resident (an empirical term, CPU_RETAIN; benchmarks/RESULTS.md)
 
 Where the per-token activation bytes come from (Llama-style layer, d = bytes of the compute dtype),
 read off autograd's saved tensors (tests/test_plan.py counts them on a real model, per layer for
@@ -60,12 +60,11 @@ ALLOCATOR_SLACK_FULL = 0.33    # the same for `full`, whose transient is one who
                                # (0.31-0.67 seen, lower for larger transients; session-2 grid)
 CPU_PROCESS = 480 * MiB        # python + torch + transformers + bitsandbytes + fourbit, resident
 CPU_ROOM = {"off": 0.9, "selective": 0.9, "full": 0.9}   # auto on CPU: share of the budget a policy's plan may take
-# CPU: glibc's heap keeps freed blocks resident, so peak RSS exceeds the live bytes. Empirical, fit on
-# SmolLM2-135M / tiny (benchmarks/RESULTS.md, CPU): about this share of the step's largest transient ...
-CPU_RETAIN = 0.85
-# ... and with `full` (torch.utils.checkpoint: the layer's forward runs in grad mode, its graph's small
-# allocations pin the freed activations' blocks) this share of each layer's `off` activations.
-CPU_RETAIN_CKPT = 0.5
+# CPU: glibc's heap keeps freed blocks resident, so peak RSS exceeds the live bytes by about this share
+# of the step's largest transient (loss chunk or backward), for every policy. Empirical: fit on nine
+# SmolLM2-135M / tiny rows after `full` became a no-grad layer recompute (3665c79), six rows held out
+# (benchmarks/RESULTS.md, CPU; all 15 within 10%).
+CPU_RETAIN = 0.9
 
 
 @dataclass
@@ -339,8 +338,6 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
     else:
         add("runtime", "the process itself (python, torch, transformers, bitsandbytes)", CPU_PROCESS)
         retain = CPU_RETAIN * max(loss_tr, bwd_tr)
-        if mode == "full":
-            retain = max(retain, CPU_RETAIN_CKPT * tok * L * per_layer)
         add("heap", "freed heap blocks glibc keeps resident (empirical)", int(retain))
     if not spec.llama_like:
         rep.notes.append(f"`{spec.model_type}` is not a Llama-style model: activations are an approximation.")
