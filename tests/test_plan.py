@@ -293,3 +293,12 @@ def test_calibration_step_is_the_training_step(policy):
     loss = one_step(run, 2, 32)
     assert 0 < loss < 20 and not torch.equal(before, run.flat.flat.detach())
     assert run.flat.flat.grad is None and all(p.grad is None for p in run.flat.params)
+
+
+def test_plan_for_a_gpu_needs_no_gpu_here(tmp_path):
+    """`fourbit plan` with train.device cuda plans for CUDA on a machine without one (budget from --memory)."""
+    from fourbit.config import load_config
+    from fourbit.plan import plan
+    cfg = load_config(None, ["--model=shape:llama3-8b", "--train.device=cuda", "--data.max_length=2048"])
+    rep = plan(cfg, memory="80GiB")
+    assert rep.device == "cuda" and rep.budget == 80 * 2 ** 30 and rep.fits

@@ -488,6 +488,8 @@ def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None
 
     checkpointing_policy auto takes the fastest policy of `policy_order` whose peak fits the budget
     (CUDA: off, selective, offload; CPU: off, selective, full), the smallest when none does."""
+    if device is None and cfg.train.device == "cuda":
+        device = "cuda"                 # planning for a GPU needs none here (the budget: --memory)
     if device is None:
         from .model import resolve_device
         device = resolve_device(cfg.train.device).type
