@@ -25,16 +25,13 @@ def random_nf4_model(shape: str, device: torch.device, seed: int = 0, overrides:
 def prepare(model, cfg, policy: str):
     """Set `model` up for training as `prepare_run` does and return the `train.loop.Run` of one step.
 
-    Mirrors prepare_run line for line: LoRA (applied once per model; later calls reuse it), the
-    checkpointing `policy` through `apply_checkpointing(tokens=micro x max_length, fuse=CUDA)`
-    ("off" when `train.grad_checkpointing` is false), `FlatLoRA` (one fp32 buffer and one optimizer
-    tensor for all adapters) unless the optimizer is paged_adamw_8bit, `_build_optimizer` over it,
-    `cache_optimizer_steps` (the bf16 casts of A and s*B made once per optimizer step).
+    LoRA (applied once per model; later calls reuse it), then `loop.setup_training`, the same call
+    prepare_run makes: the checkpointing `policy` ("off" when `train.grad_checkpointing` is false),
+    `FlatLoRA` unless the optimizer is paged_adamw_8bit, the optimizer and its per-step cast cache.
     The data fields of the Run are filled per step by `one_step`.
     """
-    from .lora import FastDropout, FlatLoRA, LoRALinear, apply_lora, cache_optimizer_steps, lora_parameters
-    from .train.activations import apply_checkpointing
-    from .train.loop import Plan, Run, _build_optimizer
+    from .lora import FastDropout, LoRALinear, apply_lora
+    from .train.loop import Plan, Run, setup_training
     from .data import collate
     device = next(p for p in model.parameters()).device
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -43,13 +40,7 @@ def prepare(model, cfg, policy: str):
         if isinstance(m, LoRALinear) and getattr(m.lora_dropout, "p", 0.0) != cfg.lora.dropout:
             m.lora_dropout = FastDropout(cfg.lora.dropout) if cfg.lora.dropout > 0 else torch.nn.Identity()
     policy = policy if cfg.train.grad_checkpointing else "off"
-    apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
-                        fuse=device.type == "cuda")
-    model.train()
-    flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
-    params = [flat.flat] if flat is not None else lora_parameters(model)
-    opt = _build_optimizer(cfg, params, device)
-    cache_optimizer_steps(opt, model)  # A and s*B cast once per optimizer step for the GPU fast path
+    _, flat, params, opt = setup_training(model, cfg, policy, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = type("Tok", (), {"pad_token_id": 0})()
     return Run(cfg, model, tok, device, [], [], [], opt, sched, Plan([], [], 1), params, collate,

@@ -112,6 +112,25 @@ def _zero_grad(run: "Run") -> None:
         run.flat.zero_grad()                          # the per-layer gradients autograd accumulated
 
 
+def setup_training(model, cfg: Config, policy: str, device: torch.device) -> tuple:
+    """The step's setup on a model that has its LoRA: checkpointing `policy`, train mode, the flat
+    adapter buffer, the optimizer and its per-step cast cache. Returns (policy applied, flat, params,
+    optimizer). `prepare_run` and `plan_calibrate.prepare` (the memory plan's measurements) share it."""
+    from .activations import apply_checkpointing
+    # fused norms / SwiGLU / grouped q,k,v and gate,up are the CUDA fast path (same math within bf16
+    # rounding); the CPU keeps transformers' modules, which are faster there
+    chosen = apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
+                                 fuse=device.type == "cuda")
+    model.train()
+    # one buffer for all adapters: one optimizer tensor and one norm instead of 2 per layer (exact for
+    # elementwise 32-bit AdamW; 8-bit states are blockwise, so they keep one tensor per weight)
+    flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
+    params = [flat.flat] if flat is not None else lora_parameters(model)
+    opt = _build_optimizer(cfg, params, device)
+    cache_optimizer_steps(opt, model)  # A and s*B cast once per optimizer step for the GPU fast path
+    return chosen, flat, params, opt
+
+
 def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
     """Load data, model and LoRA; build optimizer, schedule and the micro-batch plan.
 
@@ -144,22 +163,11 @@ def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
 
     model, _ = load_for_training(cfg, device)
     names = apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    from .activations import apply_checkpointing
-    # fused norms / SwiGLU / grouped q,k,v and gate,up are the CUDA fast path (same math within bf16
-    # rounding); the CPU keeps transformers' modules, which are faster there
     policy = (policy or cfg.train.checkpointing_policy) if cfg.train.grad_checkpointing else "off"
-    chosen = apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
-                                 fuse=device.type == "cuda")
+    chosen, flat, params, opt = setup_training(model, cfg, policy, device)
     if cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto":
         print(f"activation checkpointing: `{chosen}` (checkpointing_policy auto, from the memory plan)", flush=True)
-    model.train()
     print(f"LoRA on {len(names)} modules; {describe_parameters(model)}", flush=True)
-    # one buffer for all adapters: one optimizer tensor and one norm instead of 2 per layer (exact for
-    # elementwise 32-bit AdamW; 8-bit states are blockwise, so they keep one tensor per weight)
-    flat = FlatLoRA(model) if cfg.train.optimizer != "paged_adamw_8bit" else None
-    params = [flat.flat] if flat is not None else lora_parameters(model)
-    opt = _build_optimizer(cfg, params, device)
-    cache_optimizer_steps(opt, model)  # A and s*B cast once per optimizer step for the GPU fast path
     total = len(plan.steps)
     warm = warmup_steps(total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
