@@ -51,7 +51,6 @@ def gguf_answers(run_dir: str, questions: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import torch
     from fourbit.config import load_config
     from fourbit.data import build_examples
     from fourbit.demo import prepare_demo_model

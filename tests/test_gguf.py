@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from fourbit.cli import main
 from fourbit.errors import FourbitError
 from fourbit.export.gguf import export_gguf

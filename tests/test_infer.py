@@ -1,5 +1,4 @@
 """generate / chat: chat template, stopping at end-of-turn, run folders with their adapter."""
-import json
 import os
 import subprocess
 import sys

@@ -2,8 +2,6 @@
 tensors on a real model, the CLI verdict and the `train` gate."""
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from fourbit.config import LoraConfig, load_config
 from fourbit.errors import FourbitError
 from fourbit.plan import check_fits, estimate, format_report, layer_saved_bytes, parse_size
 from fourbit.plan_model import model_spec, nf4_bytes
-from fourbit.shapes import shape_config
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
