@@ -63,3 +63,20 @@ def test_gpu_gaps_reports_idle_time_and_the_launching_op(tmp_path):
     out = gpu_gaps(str(path))
     assert "idle in gaps > 20 us: 0.5 ms (1 gaps)" in out
     assert "gemm | norm | aten::mul_" in out
+
+
+def test_bench_ablation_switches_keep_the_math(tmp_path):
+    """The round-3/4 switches (:nosplit :norope :noce :nolowp :nosync :gcoff :sdpa=) only change how a
+    step runs: on CPU every row gives the same losses, and the switches are restored afterwards."""
+    from fourbit.kernels import lm_loss
+    from fourbit.train.activations import Switches
+    out = tmp_path / "r.json"
+    runs = "selective,selective:nosplit:noce:nolowp,off:norope:nosync:gcoff:sdpa=math"
+    assert main(["--shape", "tiny", "--device", "cpu", "--seq", "32", "--bsz", "2", "--steps", "2", "--warm", "1",
+                 "--runs", runs, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["run"] for r in res] == runs.split(",")
+    assert res[0]["losses"] == res[1]["losses"]
+    # transformers' RoPE rounds three times in bf16, the fused one once; math SDPA: rounding too
+    assert max(abs(a - b) for a, b in zip(res[0]["losses"], res[2]["losses"])) < 1e-3
+    assert Switches.split and Switches.rope and lm_loss.USE_KERNEL
