@@ -115,7 +115,8 @@ def test_fused_rope_attention_matches_transformers(policy, monkeypatch):
     interface) gives exactly the logits and LoRA gradients of transformers' attention forward (the
     same fused model with `Switches.rope` off) in fp32, with per-row positions (packed rows)."""
     import fourbit.kernels.rope as rope_mod
-    from fourbit.train.activations import Switches, fuse_layers, unfuse_layers
+    from fourbit.switches import Switches
+    from fourbit.train.activations import fuse_layers, unfuse_layers
     model = build_random_model("tiny", "cpu", quant="none").float()
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"), seed=0)
     with torch.no_grad():

@@ -66,12 +66,12 @@ def test_gpu_gaps_reports_idle_time_and_the_launching_op(tmp_path):
 
 
 def test_bench_ablation_switches_keep_the_math(tmp_path):
-    """The round-3/4 switches (:nosplit :norope :noce :nolowp :nosync :gcoff :sdpa=) only change how a
-    step runs: on CPU every row gives the same losses, and the switches are restored afterwards."""
-    from fourbit.kernels import lm_loss
-    from fourbit.train.activations import Switches
+    """The ablation switches (:nosplit :norope :noce :noloraorder :nogroup :nolowp :nosync :gcoff :sdpa=)
+    only change how a step runs: on CPU every row gives the same losses, and the switches are
+    restored afterwards."""
+    from fourbit.switches import Switches
     out = tmp_path / "r.json"
-    runs = "selective,selective:nosplit:noce:nolowp,off:norope:nosync:gcoff:sdpa=math"
+    runs = "selective,selective:nosplit:noce:nolowp:noloraorder:nogroup,off:norope:nosync:gcoff:sdpa=math"
     assert main(["--shape", "tiny", "--device", "cpu", "--seq", "32", "--bsz", "2", "--steps", "2", "--warm", "1",
                  "--runs", runs, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -79,4 +79,10 @@ def test_bench_ablation_switches_keep_the_math(tmp_path):
     assert res[0]["losses"] == res[1]["losses"]
     # transformers' RoPE rounds three times in bf16, the fused one once; math SDPA: rounding too
     assert max(abs(a - b) for a, b in zip(res[0]["losses"], res[2]["losses"])) < 1e-3
-    assert Switches.split and Switches.rope and lm_loss.USE_KERNEL
+    assert Switches.all_on()
+
+
+def test_bench_refuses_an_unknown_run_suffix(capsys):
+    with pytest.raises(SystemExit):
+        main(["--shape", "tiny", "--device", "cpu", "--runs", "off:norpe"])
+    assert "unknown suffix(es) ['norpe']" in capsys.readouterr().err

@@ -32,12 +32,18 @@ def _grads(fn, x, A, B, gy):
     return y.detach(), x.grad, A.grad, B.grad
 
 
+@pytest.mark.parametrize("lora_first", (True, False))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_matches_autograd_reference(dtype):
+def test_matches_autograd_reference(dtype, lora_first):
+    """Both orders of the two products (`Switches.lora_first`: the LoRA product written first and the
+    base GEMM accumulating onto it, or the other way round) give autograd's output and gradients."""
+    from fourbit.switches import Switches
     x, packed, qs, A, B = _case(dtype=dtype)
     w = dequantize_nf4_reference(packed, qs)
     gy = torch.randn(x.shape[:-1] + (w.shape[0],), generator=torch.Generator().manual_seed(1)).to(dtype)
-    fast = _grads(lambda x, A, B: lora_nf4_linear(x, None, A, B, packed, qs, 2.0), x, A, B, gy)
+    with Switches.set(lora_first=lora_first):
+        fast = _grads(lambda x, A, B: lora_nf4_linear(x, None, A, B, packed, qs, 2.0), x, A, B, gy)
+    assert Switches.lora_first
     ref = _grads(lambda x, A, B: lora_linear_reference(x, None, w, A, B, 2.0), x, A, B, gy)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for f, r in zip(fast, ref):
@@ -95,10 +101,13 @@ def test_lora_linear_cuda_fast_path_equals_cpu_path():
         assert (f.float() - s.float()).norm() / s.float().norm() < 1e-2
 
 
+@pytest.mark.parametrize("lora_first", (True, False))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_group_matches_separate_layers(dtype):
-    """q/k/v (or gate/up) as one node: same outputs and gradients as k separate LoRA linears."""
+def test_group_matches_separate_layers(dtype, lora_first):
+    """q/k/v (or gate/up) as one node: same outputs and gradients as k separate LoRA linears, with the
+    block-diagonal s B (lora_first) and with per-block products."""
     from fourbit.kernels.lora_fn import lora_group_reference, lora_nf4_group
+    from fourbit.switches import Switches
     g = torch.Generator().manual_seed(5)
     din, outs, r = 128, (192, 64, 64), 4
     x = torch.randn(2, 6, din, generator=g).to(dtype)
@@ -121,7 +130,8 @@ def test_group_matches_separate_layers(dtype):
         y.backward(gy)
         return [y.detach(), xx.grad] + [a.grad for a in aa] + [b.grad for b in bb]
 
-    fast = run(lambda xx, aa, bb: lora_nf4_group(xx, aa, bb, packs, states, 2.0))
+    with Switches.set(lora_first=lora_first):
+        fast = run(lambda xx, aa, bb: lora_nf4_group(xx, aa, bb, packs, states, 2.0))
     ref = run(lambda xx, aa, bb: lora_group_reference(xx, ws, aa, bb, 2.0))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for f, rr in zip(fast, ref):
@@ -277,16 +287,18 @@ def test_group_lowp_cache_follows_its_members_clock():
     for m in ms:
         m.__dict__["_fourbit_group"] = grp                        # as fuse_layers attaches it
     opt = torch.optim.SGD([p for m in ms for p in (m.lora_A.weight, m.lora_B.weight)], lr=0.1)
-    a0, _ = grp.lowp(torch.bfloat16)
+    a0, _, _ = grp.lowp(torch.bfloat16)
     assert grp.lowp(torch.bfloat16)[0] is not a0                  # no clock: no cache
     h = cache_optimizer_steps(opt, holder)
-    a1, bs1 = grp.lowp(torch.bfloat16)
+    a1, bs1, bd1 = grp.lowp(torch.bfloat16)
     assert grp.lowp(torch.bfloat16)[0] is a1
     torch.testing.assert_close(a1, torch.cat([m.lora_A.weight.to(torch.bfloat16) for m in ms]), rtol=0, atol=0)
+    torch.testing.assert_close(bd1, torch.block_diag(*[(m.lora_B.weight * m.scaling).to(torch.bfloat16) for m in ms]),
+                               rtol=0, atol=0)
     for m in ms:
         m.lora_A.weight.grad = torch.ones_like(m.lora_A.weight)
     opt.step()
-    a2, _ = grp.lowp(torch.bfloat16)
+    a2, _, _ = grp.lowp(torch.bfloat16)
     assert a2 is not a1
     torch.testing.assert_close(a2, torch.cat([m.lora_A.weight.detach().to(torch.bfloat16) for m in ms]), rtol=0, atol=0)
     h.remove()

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .shapes import SHAPES, build_random_model, flops_per_token
+from .switches import Switches
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2 ** 30
@@ -89,8 +90,8 @@ def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> di
 def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int, policy: str = "off",
               r: int = 16, alpha: float = 32, dropout: float = 0.0, lr: float = 2e-4, wd: float = 0.001,
               max_grad_norm: float = 0.3, peak_tflops: float = 790.0, budget_gib: Optional[float] = None,
-              lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True, group: bool = True,
-              chunk: int = 0, split: bool = True, rope: bool = True, ce_kernel: bool = True,
+              lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True,
+              chunk: int = 0, switches: Optional[dict] = None,
               sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True,
               sdpa: Optional[str] = None) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
@@ -99,60 +100,59 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
         policy: checkpointing policy off | selective | full | offload | auto.
         flat: all LoRA weights in one buffer (`lora.FlatLoRA`): one optimizer tensor, one clip norm.
-        group: q/k/v and gate/up as one GEMM each (`lora.LoRAGroup`); chunk: LM-head tokens per chunk (0: auto).
-        split: selective/offload recompute branch by branch; rope: the fused RoPE attention forward
-            (`train.activations.Switches`; False undoes the round-3 change for an ablation row).
+        chunk: LM-head tokens per chunk (0: auto).
+        switches: `fourbit.switches.Switches` names set to False for this run (each undoes one
+            fast-path change for an ablation row); all are back on afterwards.
     Returns:
         dict: tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, loss (last step), losses,
         mfu (model FLOPs, no recompute, over `peak_tflops`), hfu (counting recompute), policy.
     """
     from .config import LoraConfig
-    from .lora import FlatLoRA, LoRAGroup, apply_lora, cache_optimizer_steps, lora_parameters
-    from .train.activations import Switches, apply_checkpointing, remove_checkpointing, unfuse_layers
+    from .lora import FlatLoRA, apply_lora, cache_optimizer_steps, lora_parameters
+    from .train.activations import apply_checkpointing, remove_checkpointing, unfuse_layers
     from .train.loss import causal_lm_loss
     dev = next(model.parameters()).device
     seq = ids.shape[1]
     _reset_memory(dev)
     names = apply_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=TARGETS), seed=lora_seed)
     budget = int(budget_gib * GIB) if budget_gib else None
-    Switches.split, Switches.rope = split, rope
-    from .kernels import lm_loss
-    lm_loss.USE_KERNEL = ce_kernel
-    chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
-    model.train()
-    fl = FlatLoRA(model) if flat else None
-    params = [fl.flat] if fl else lora_parameters(model)
-    opt = _optimizer(params, dev, lr, wd)
-    hook = cache_optimizer_steps(opt, model) if lowp_cache else None      # as `fourbit train`
-    total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
-
-    def step(s: int) -> float:
-        n_train = bsz * ga * (seq - 1)
-        loss_sum = 0.0
-        for j in range(ga):
-            rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
-            ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows}, chunk=chunk)
-            (ls / n_train).backward()
-            loss_sum = loss_sum + ls.detach()          # summed on the device: one sync per step, at its end
-        if fl:
-            fl.gather_grads()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if fl:
-            fl.zero_grad()
-        return float(loss_sum) / n_train if sync_each_step else loss_sum / n_train
-
-    LoRAGroup.enabled = group
-    if gc_off:
-        gc.collect()
-        gc.disable()
     import contextlib
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = (sdpa_kernel([getattr(SDPBackend, sdpa.upper())]) if sdpa else contextlib.nullcontext())
+    switched = contextlib.ExitStack()
+    switched.enter_context(Switches.set(**(switches or {})))     # back on in `finally`, whatever happens
+    hook = None
     try:
+        chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
+        model.train()
+        fl = FlatLoRA(model) if flat else None
+        params = [fl.flat] if fl else lora_parameters(model)
+        opt = _optimizer(params, dev, lr, wd)
+        hook = cache_optimizer_steps(opt, model) if lowp_cache else None      # as `fourbit train`
+        total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
+
+        def step(s: int) -> float:
+            n_train = bsz * ga * (seq - 1)
+            loss_sum = 0.0
+            for j in range(ga):
+                rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
+                ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows}, chunk=chunk)
+                (ls / n_train).backward()
+                loss_sum = loss_sum + ls.detach()          # summed on the device: one sync per step, at its end
+            if fl:
+                fl.gather_grads()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if fl:
+                fl.zero_grad()
+            return float(loss_sum) / n_train if sync_each_step else loss_sum / n_train
+
+        if gc_off:
+            gc.collect()
+            gc.disable()
+        backend = (sdpa_kernel([getattr(SDPBackend, sdpa.upper())]) if sdpa else contextlib.nullcontext())
         with backend:
             res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
             if profile_path:
@@ -161,18 +161,16 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         gc.enable()
         if hook is not None:
             hook.remove()
-        LoRAGroup.enabled = True
-        Switches.split = Switches.rope = True
-        lm_loss.USE_KERNEL = True
         remove_checkpointing(model)
         unfuse_layers(model)
         _unwrap_lora(model, names)
-        del opt, params
+        switched.close()
     res.update(_memory(dev))
     cfg = model.config
     res["mfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, False) / (peak_tflops * 1e12), 4)
     res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen != "off",
-                                                            split and chosen in ("selective", "offload"))
+                                                            (switches or {}).get("split", True)
+                                                            and chosen in ("selective", "offload"))
                        / (peak_tflops * 1e12), 4)
     res.update(system="fourbit", policy=chosen)
     return res
@@ -330,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
+                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one, :noloraorder a round-5 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -359,7 +357,14 @@ def table(results: list[dict], classic: Optional[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    runs = [x.strip() for x in a.runs.split(",") if x.strip()]
+    known = set(Switches.SUFFIXES) | {"noflat", "nosync", "gcoff", "nolowp"}
+    for run in runs:
+        bad = [o for o in run.split(":")[1:] if o not in known and not o.startswith(("chunk", "sdpa="))]
+        if bad:
+            p.error(f"run {run!r}: unknown suffix(es) {bad}; known: {sorted(known)}, chunkN, sdpa=BACKEND")
     from .model import resolve_device
     dev = resolve_device(a.device)
     if dev.type == "cpu" and a.quant == "nf4":
@@ -373,7 +378,6 @@ def main(argv: list[str]) -> int:
     if dev.type == "cuda":
         ids = ids.pin_memory()                       # so the per-step copy is truly non-blocking
     results, classic = [], None
-    runs = [x.strip() for x in a.runs.split(",") if x.strip()]
     runs = [x for x in runs if not x.startswith("classic")] + [x for x in runs if x.startswith("classic")]
     common = dict(bsz=a.bsz, ga=a.ga, steps=a.steps, warm=a.warm, dropout=a.dropout, peak_tflops=a.peak_tflops)
     for run in runs:
@@ -386,12 +390,12 @@ def main(argv: list[str]) -> int:
             classic = res
         else:
             prof = f"{a.profile}/profile_{a.shape}_{run.replace(':', '_')}.txt" if a.profile else None
-            policy, *opts = run.split(":")    # off:noflat / :nogroup / :chunk2048 = without one round-2 change
+            policy, *opts = run.split(":")    # off:noflat / :nogroup / :chunk2048 = without one change
             chunk = next((int(o[5:]) for o in opts if o.startswith("chunk")), 0)
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
-                            flat=not a.no_flat and "noflat" not in opts, group="nogroup" not in opts,
-                            chunk=chunk, split="nosplit" not in opts, rope="norope" not in opts,
-                            ce_kernel="noce" not in opts, sync_each_step="nosync" not in opts,
+                            flat=not a.no_flat and "noflat" not in opts, chunk=chunk,
+                            switches={Switches.SUFFIXES[o]: False for o in opts if o in Switches.SUFFIXES},
+                            sync_each_step="nosync" not in opts,
                             gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts,
                             sdpa=next((o[5:] for o in opts if o.startswith("sdpa=")), None), **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import LoraConfig
 from .errors import FourbitError
+from .switches import Switches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -283,17 +284,15 @@ class LoRAGroup:
     Not a module: members keep their names, parameters and files.
     """
 
-    enabled = True                            # a switch for benchmarks (bench's ':nogroup' runs)
-
     def __init__(self, members: list):
         self.members = list(members)
         self.outs = [m.out_features for m in self.members]
-        self._lowp = None                     # (key, (stacked A, [s B_i])) under cache_optimizer_steps
+        self._lowp = None                     # (key, lora_fn.group_lowp's tuple) under cache_optimizer_steps
         self._cache = None                    # (x, outputs) between the first and the last member's call
 
     def applies(self, x: torch.Tensor) -> bool:
         ms = self.members
-        return (LoRAGroup.enabled and all(m.fast_path(x) and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in ms)
+        return (Switches.group and all(m.fast_path(x) and (isinstance(m.lora_dropout, nn.Identity) or not m.training) for m in ms)
                 and len({m.scaling for m in ms}) == 1 and len({m.base_layer.weight.quant_state.dtype for m in ms}) == 1
                 and len({m.in_features for m in ms}) == 1)
 
@@ -307,7 +306,7 @@ class LoRAGroup:
                               lowp=self.lowp(x.dtype))
 
     def lowp(self, dtype: torch.dtype) -> tuple:
-        """(stacked A's (k r, in), [s*B_i]) in `dtype`, cached like `LoRALinear.lowp` (members share a clock)."""
+        """(stacked A's (k r, in), [s*B_i], block-diagonal s*B) in `dtype`, cached like `LoRALinear.lowp` (members share a clock)."""
         ms = self.members
         clock = ms[0].__dict__.get("_lowp_clock")
         if clock is not None:
@@ -315,7 +314,8 @@ class LoRAGroup:
             if self._lowp is not None and self._lowp[0] == key:
                 return self._lowp[1]
         parts = [m.lowp(dtype) for m in ms]
-        val = (torch.cat([a for a, _ in parts]), [b for _, b in parts])
+        bs = [b for _, b in parts]
+        val = (torch.cat([a for a, _ in parts]), bs, torch.block_diag(*bs))   # as `lora_fn.group_lowp`
         if clock is not None:
             self._lowp = (key, val)
         return val

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..switches import Switches
+
 try:
     import triton
     import triton.language as tl
@@ -112,12 +114,10 @@ from . import interpreting as _interpreting   # noqa: E402  (shared by the kerne
 _INTERPRET = triton is not None and _interpreting(_chunk_ce_kernel)
 
 
-USE_KERNEL = True          # a benchmark switch (bench's ':noce' rows run the torch path on CUDA)
-
-
 def _use_kernel(t: torch.Tensor) -> bool:
-    """The Triton kernel runs on CUDA tensors, and on CPU ones under the interpreter (tests)."""
-    return USE_KERNEL and triton is not None and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
+    """The Triton kernel runs on CUDA tensors, and on CPU ones under the interpreter (tests).
+    `Switches.ce_kernel` off (bench's ':noce' rows) runs the torch path instead."""
+    return Switches.ce_kernel and triton is not None and (t.is_cuda or (_INTERPRET and t.device.type == "cpu"))
 
 
 def _chunk_ce_triton(zl: torch.Tensor, y: torch.Tensor, need_grad: bool,

@@ -4,9 +4,15 @@ Why one function instead of autograd over `base(x) + B(A(dropout(x)))`: autograd
 dequantized weight alive or dequantize it through a second function, save the (N, out) base output
 for the add, cast the fp32 LoRA weights in separate graph nodes and run the LoRA update as three
 separate kernels that each read or write an (N, out) tensor. Here the weight is dequantized once in
-forward and once in backward (nothing of it is saved but the packed bytes), the LoRA update is
-folded into the base output by one in-place `addmm_` (the GEMM epilogue reads and writes it), and
-only the input x (shared by q/k/v, or gate/up) and the (N, r) projection h are saved.
+forward and once in backward (nothing of it is saved but the packed bytes), and only the input x
+(shared by q/k/v, or gate/up) and the (N, r) projection h are saved.
+
+The order of the two products: the small LoRA one is written first, y = h (s B)^T, and the base
+GEMM then accumulates onto it, y += x W^T (cuBLAS with beta = 1: its epilogue reads y while the
+GEMM is compute-bound, so the read is nearly free). The other order, y = x W^T and then
+y += h (s B)^T, is a memory-bound `addmm_` that reads and writes all of y again: 28.6 ms of a
+0.52 s Llama-3-8B step on the H200 (round-3 profile). dx in backward likewise. `Switches.lora_first`
+off runs the other order (bench's ':noloraorder' rows).
 
 The math (x: (N, in), W: (out, in) dequantized, A: (r, in), B: (out, r), s = alpha / r,
 xd = dropout(x), xd = x when dropout is 0):
@@ -31,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..switches import Switches
 from .nf4 import NF4State, dequantize_nf4_fast, dequantize_nf4_reference
 
 
@@ -58,8 +65,7 @@ class LoRANF4Function(torch.autograd.Function):
             w = dequantize_nf4_fast(packed, state)                          # (out, in)
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)
-            y = x2 @ w.t()                                                  # (N, out)
-            y.addmm_(h, b.t())                                              # y += h b^T, in the GEMM epilogue
+            y = _base_plus_lora(x2, w.t(), h, b.t())                       # (N, out)
             del w
         else:                          # a recompute whose output is never read: backward only (see docstring)
             y = x2.new_empty((x2.shape[0], B.shape[0]))
@@ -85,10 +91,8 @@ class LoRANF4Function(torch.autograd.Function):
             w = dequantize_nf4_fast(ctx.packed, ctx.state)
             if w.dtype != dt:
                 w = w.to(dt)
-            dx = gy2 @ w                                                    # (N, in)
+            dx = _base_plus_lora(gy2, w, gh, a) if not ctx.has_xd else gy2 @ w   # (N, in): gy W [+ gh A]
             del w
-            if not ctx.has_xd:
-                dx.addmm_(gh, a)                                            # + gh A (same input)
             dx = dx.view(ctx.in_shape)
         if ctx.has_xd and need_xd:
             dxd = (gh @ a).view(ctx.in_shape)
@@ -97,6 +101,13 @@ class LoRANF4Function(torch.autograd.Function):
         if need_b:
             dB = (gy2.t() @ h).float().mul_(ctx.scaling)                    # (out, r)
         return dx, dxd, dA, dB, None, None, None, None, None
+
+
+def _base_plus_lora(x: torch.Tensor, wt: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """x wt + h bt: the small product written first, the big GEMM accumulating onto it (beta = 1)."""
+    if Switches.lora_first:
+        return (h @ bt).addmm_(x, wt)
+    return (x @ wt).addmm_(h, bt)
 
 
 def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
@@ -129,7 +140,9 @@ class LoRANF4GroupFunction(torch.autograd.Function):
 
     The k weights are dequantized into one (sum out, in) buffer and multiplied in one GEMM (fewer,
     larger GEMMs; one read of x); the k down-projections A are stacked so h = x [A_1; ...; A_k]^T is
-    one (N, k r) GEMM, and each output block gets its own h_i (s B_i)^T in the epilogue. Dropout must
+    one (N, k r) GEMM, and the up-projections B_i form one block-diagonal (sum out, k r) matrix, so
+    y = h [s B]_bd^T and, in backward, gh = gy [s B]_bd and dB are one GEMM each (the zero blocks add
+    exactly 0; dB's off-diagonal blocks are computed and dropped, k r columns only). Dropout must
     be 0 (one shared x). Math per block i is that of `LoRANF4Function`; dx sums the k blocks inside one
     fp32-accumulated GEMM instead of adding k bf16 results.
     Inputs: x, k, packed list, state list, scaling, lowp (or None), A_1..A_k, B_1..B_k. Output: (..., sum out).
@@ -142,17 +155,20 @@ class LoRANF4GroupFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
         outs = [b.shape[0] for b in Bs]
         if lowp is None:
-            lowp = (torch.cat([A.to(x.dtype) for A in As]), [(B * scaling).to(x.dtype) for B in Bs])
-        a, bs = lowp                                                        # (k r, in), [(out_i, r_i)]
+            lowp = group_lowp(As, Bs, scaling, x.dtype)
+        a, bs, bd = lowp                                       # (k r, in), [(out_i, r_i)], (sum out, k r)
         w = _dequant_group(packed, states, outs, x2.shape[1], x.dtype)      # (sum out, in)
         h = x2 @ a.t()                                                      # (N, k r)
-        y = x2 @ w.t()                                                      # (N, sum out)
+        if Switches.lora_first:
+            y = _base_plus_lora(x2, w.t(), h, bd.t())                      # (N, sum out)
+        else:
+            y = x2 @ w.t()
+            o, c = 0, 0
+            for b in bs:
+                r = b.shape[1]
+                y[:, o:o + b.shape[0]].addmm_(h[:, c:c + r], b.t())
+                o, c = o + b.shape[0], c + r
         del w
-        o, c = 0, 0
-        for b in bs:
-            r = b.shape[1]
-            y[:, o:o + b.shape[0]].addmm_(h[:, c:c + r], b.t())
-            o, c = o + b.shape[0], c + r
         ctx.lowp = lowp
         ctx.save_for_backward(x2, h, *As, *Bs)
         ctx.k, ctx.packed, ctx.states, ctx.scaling, ctx.in_shape = k, packed, states, scaling, shape
@@ -166,24 +182,32 @@ class LoRANF4GroupFunction(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])                                  # (N, sum out)
         dt = gy2.dtype
         need_x = ctx.needs_input_grad[0]
-        a, bs = ctx.lowp
+        a, bs, bd = ctx.lowp
         if a.dtype != dt:
-            a, bs = torch.cat([A.to(dt) for A in As]), [(B * s).to(dt) for B in Bs]
-        gh = torch.empty(h.shape, dtype=dt, device=h.device)               # (N, k r)
+            a, bs, bd = group_lowp(As, Bs, s, dt)
+        need_b = ctx.needs_input_grad[6 + k:]
         dBs = []
-        o, c = 0, 0
-        for b, need_b in zip(bs, ctx.needs_input_grad[6 + k:]):
-            out, r = b.shape
-            g_i = gy2[:, o:o + out]                                         # (N, out_i) strided view
-            gh[:, c:c + r] = g_i @ b                                        # (N, r_i)
-            dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if need_b else None)
-            o, c = o + out, c + r
+        if Switches.lora_first:        # one GEMM each over the block-diagonal s B (its zeros add exactly 0)
+            gh = gy2 @ bd                                                   # (N, k r)
+            dB = (gy2.t() @ h).float().mul_(s) if any(need_b) else None     # (sum out, k r): blocks i,i used
+            o, c = 0, 0
+            for b, nb in zip(bs, need_b):
+                dBs.append(dB[o:o + b.shape[0], c:c + b.shape[1]] if nb else None)
+                o, c = o + b.shape[0], c + b.shape[1]
+        else:
+            gh = torch.empty(h.shape, dtype=dt, device=h.device)           # (N, k r)
+            o, c = 0, 0
+            for b, nb in zip(bs, need_b):
+                out, r = b.shape
+                g_i = gy2[:, o:o + out]                                     # (N, out_i) strided view
+                gh[:, c:c + r] = g_i @ b                                    # (N, r_i)
+                dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if nb else None)
+                o, c = o + out, c + r
         dx = None
         if need_x:
             w = _dequant_group(ctx.packed, ctx.states, [B.shape[0] for B in Bs], x2.shape[1], dt)
-            dx = gy2 @ w                                                    # (N, in)
+            dx = _base_plus_lora(gy2, w, gh, a)                             # (N, in): gy W + gh A
             del w
-            dx.addmm_(gh, a)
             dx = dx.view(ctx.in_shape)
         dAs = []
         if any(ctx.needs_input_grad[6:6 + k]):
@@ -195,6 +219,13 @@ class LoRANF4GroupFunction(torch.autograd.Function):
         else:
             dAs = [None] * k
         return (dx, None, None, None, None, None, *dAs, *dBs)
+
+
+def group_lowp(As: list, Bs: list, scaling: float, dtype: torch.dtype) -> tuple:
+    """The group's LoRA weights in `dtype`: (stacked A (k r, in), [s B_i (out_i, r_i)], block-diagonal
+    s B (sum out, k r)). `lora.LoRAGroup.lowp` caches it per optimizer step."""
+    bs = [(B.detach() * scaling).to(dtype) for B in Bs]
+    return torch.cat([A.detach().to(dtype) for A in As]), bs, torch.block_diag(*bs)
 
 
 def _dequant_group(packed: list, states: list, outs: list, din: int, dtype: torch.dtype) -> torch.Tensor:
@@ -214,7 +245,7 @@ def lora_nf4_group(x: torch.Tensor, As: list, Bs: list, packed: list, states: li
 
     Args:
         x: (..., in). As[i]: (r_i, in), Bs[i]: (out_i, r_i) fp32. packed/states: the NF4 weights
-        (all of one dtype) and their `NF4State`s. lowp: (stacked A's, [s B_i]) in x's dtype
+        (all of one dtype) and their `NF4State`s. lowp: `group_lowp(...)` in x's dtype
         (`LoRAGroup.lowp`), or None to cast here.
     Returns:
         (..., sum out_i): the k outputs side by side (split with `torch.split`, whose backward is one cat).

@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..switches import Switches
+
 POLICIES = ("off", "selective", "full", "offload")
 # decoder layers whose forward is exactly h = x + self_attn(input_layernorm(x))[0];
 # out = h + mlp(post_attention_layernorm(h)) (read in transformers 5.17 and 5.24)
@@ -295,12 +297,6 @@ _NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 # attention modules whose forward is q/k/v -> RoPE -> attention interface -> o_proj, with nothing else
 # (Qwen3 normalises q and k first; Qwen2 has biases): `_rope_attention_forward` replaces it
 _ROPE_ATTENTION = ("LlamaAttention", "MistralAttention")
-
-
-class Switches:
-    """Benchmark switches (bench's ':nosplit' / ':norope' rows undo one change); always on otherwise."""
-    split = True          # selective/offload recompute branch by branch (else the whole layer)
-    rope = True           # fused RoPE attention forward in `fuse_layers`
 
 
 def _attention_interface(attn: nn.Module) -> Callable:
