@@ -64,13 +64,17 @@ def _reset_memory(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def _optimizer(params, dev: torch.device, lr: float, wd: float):
-    """bitsandbytes' paged AdamW 32-bit as `train.loop._build_optimizer` builds it (AdamW off CUDA)."""
+def _optimizer(params, dev: torch.device, lr: float, wd: float, classic: bool = False):
+    """Paged AdamW 32-bit: fourbit's stream-ordered one as `train.loop._build_optimizer` builds it, or
+    bitsandbytes' own class for the classic stack (torch's AdamW off CUDA)."""
     kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
     if dev.type != "cuda":
         return torch.optim.AdamW(params, **kw)
-    import bitsandbytes as bnb
-    return bnb.optim.PagedAdamW32bit(params, **kw)
+    if classic:
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW32bit(params, **kw)
+    from .train.optim import paged_adamw
+    return paged_adamw(32, params, **kw)
 
 
 def _timed_loop(step_fn, dev, steps: int, warm: int, tokens_per_step: int) -> dict:
@@ -138,16 +142,18 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
                 rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
                 ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows}, chunk=chunk)
                 (ls / n_train).backward()
-                loss_sum = loss_sum + ls.detach()          # summed on the device: one sync per step, at its end
+                loss_sum = loss_sum + ls.detach()          # summed on the device
             if fl:
                 fl.gather_grads()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if sync_each_step:            # as `fourbit train`: loss and norm read once, before the update
+                loss_sum = torch.stack([loss_sum.float(), gnorm.float()]).tolist()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if fl:
                 fl.zero_grad()
-            return float(loss_sum) / n_train if sync_each_step else loss_sum / n_train
+            return loss_sum / n_train
 
         if gc_off:
             gc.collect()
@@ -272,7 +278,7 @@ def run_classic(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: i
                                         bias="none", task_type="CAUSAL_LM"))
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = _optimizer(params, dev, lr, wd)
+    opt = _optimizer(params, dev, lr, wd, classic=True)
     total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")

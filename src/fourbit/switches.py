@@ -15,11 +15,12 @@ class Switches:
     rope = True           # fused RoPE attention forward (`train.activations._rope_attention_forward`)  :norope
     ce_kernel = True      # the LM-head cross-entropy Triton kernel (`kernels.lm_loss`)                 :noce
     lora_first = True     # LoRA product written first, the base GEMM accumulates onto it (`kernels.lora_fn`) :noloraorder
+    opt_async = True      # paged AdamW without bitsandbytes' per-step device syncs (`train.optim`)         :nooptasync
 
-    NAMES = ("group", "split", "rope", "ce_kernel", "lora_first")
+    NAMES = ("group", "split", "rope", "ce_kernel", "lora_first", "opt_async")
     # bench run suffix -> the switch it turns off
     SUFFIXES = {"nogroup": "group", "nosplit": "split", "norope": "rope", "noce": "ce_kernel",
-                "noloraorder": "lora_first"}
+                "noloraorder": "lora_first", "nooptasync": "opt_async"}
 
     @classmethod
     @contextmanager

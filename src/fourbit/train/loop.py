@@ -97,13 +97,12 @@ def _build_optimizer(cfg: Config, params: list, device: torch.device) -> torch.o
             print(f"note: {t.optimizer} pages optimizer state only on CUDA; on {device.type} it runs as torch's "
                   "fused AdamW (same update, 32-bit states).", file=sys.stderr)
         return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kw)
-    import bitsandbytes as bnb
+    from .optim import paged_adamw
     if device.type != "cuda":
         print(f"note: {t.optimizer} pages optimizer state only on CUDA; on {device.type} it runs unpaged.",
               file=sys.stderr)
-    cls = bnb.optim.PagedAdamW32bit if t.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     with guards.quiet_paged_optimizer(device.type != "cuda"):
-        return cls(params, **kw)
+        return paged_adamw(32 if t.optimizer == "paged_adamw_32bit" else 8, params, **kw)
 
 
 def _zero_grad(run: "Run") -> None:
@@ -226,20 +225,21 @@ def _accumulate_and_step(run: Run, pos: int) -> dict:
     n_tokens = sum(_count_tokens(b) for b in batches)
     if n_train == 0:
         return {"skipped": "no trainable tokens", "tokens": n_tokens, "trainable_tokens": 0}
-    loss_sum = 0.0
-    for j, b in enumerate(batches):
+    loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)   # summed on the device: no sync
+    for j, b in enumerate(batches):                                      # between micro-batches
         guards.seam_oom(len(chunks[j]))
         b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
         ls, n = causal_lm_loss(run.model, b)
         if n:
             ls = guards.seam_poison(ls, pos)
             (ls / n_train).backward()
-            loss_sum += float(ls.detach())
+            loss_sum += ls.detach().float()
         guards.seam_signal(pos, j)
     max_norm = run.cfg.train.max_grad_norm
     if run.flat is not None:
         run.flat.gather_grads()                                    # flat.grad = all layers' gradients
-    gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf")))
+    gn = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf"))
+    loss_sum, gnorm = torch.stack([loss_sum, gn.float().to(run.device)]).tolist()   # the step's one host read
     loss = loss_sum / n_train
     if not guards.is_finite(loss, gnorm):
         _zero_grad(run)                                            # the step is not applied
