@@ -7,5 +7,5 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=f
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, transformers, triton, bitsandbytes, peft; print(torch.__version__, transformers.__version__, triton.__version__, bitsandbytes.__version__, peft.__version__)"
 python3 -m pytest -q -x tests/test_lora_fn.py tests/test_activations.py tests/test_kernels_fused.py \
-    tests/test_kernels_lm_loss.py tests/test_kernels_rope.py 2>&1 | tail -4 | tee $OUT/pytest.txt
+    tests/test_kernels_lm_loss.py tests/test_kernels_rope.py tests/test_optim.py 2>&1 | tail -4 | tee $OUT/pytest.txt
 python3 benchmarks/train_throughput.py $1 --json $OUT/results.json 2>&1 | grep -v -i "warn" | tee $OUT/bench.log
