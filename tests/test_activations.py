@@ -35,7 +35,7 @@ def test_policies_give_the_same_gradients(device):
     model = _model(device)
     ids = torch.randint(3, 1024, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
     loss0, g0 = _grads(model, ids, "off")
-    for policy in ("full", "selective", "offload"):
+    for policy in ("keep", "full", "selective", "offload"):
         loss, g = _grads(model, ids, policy)
         assert loss == loss0
         for a, b in zip(g, g0):
@@ -148,3 +148,29 @@ def test_fused_rope_attention_matches_transformers(policy, monkeypatch):
     remove_checkpointing(model)
     unfuse_layers(model)
     assert float((bad - ref_logits).norm() / ref_logits.norm()) > 1e-3
+
+
+def test_keep_policy_marks_and_unmarks_the_lora_layers():
+    """`keep` = `off` (no wrapped layers) with every LoRA linear told to keep its dequantized weight in a
+    training forward; `remove_checkpointing` clears it; on CPU the loss and gradients equal `off`'s."""
+    from fourbit.lora import LoRALinear
+    from fourbit.train.activations import remove_checkpointing
+    model = build_random_model("tiny", "cpu", quant="nf4")
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"), seed=0)
+    model.train()
+    ids = torch.randint(3, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+    apply_checkpointing(model, "off")                              # fuses the layers as every policy does
+    ref = _loss_and_grads(model, ids, None)
+    assert apply_checkpointing(model, "keep") == "keep"
+    lins = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert lins and all(m.keeps_weight() for m in lins)
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+    got = _loss_and_grads(model, ids, None)
+    model.eval()
+    assert not any(m.keeps_weight() for m in lins)                 # inference: nothing to keep
+    model.train()
+    remove_checkpointing(model)
+    assert not any(m.keeps_weight() for m in lins)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

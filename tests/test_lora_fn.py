@@ -303,3 +303,30 @@ def test_group_lowp_cache_follows_its_members_clock():
     torch.testing.assert_close(a2, torch.cat([m.lora_A.weight.detach().to(torch.bfloat16) for m in ms]), rtol=0, atol=0)
     h.remove()
     assert grp._lowp is None and grp.lowp(torch.bfloat16)[0] is not grp.lowp(torch.bfloat16)[0]
+
+
+def test_keep_w_gives_the_same_output_and_gradients():
+    """keep_w (policy `keep`) keeps the forward's dequantized weight for backward: bit-identical results,
+    single linear and group."""
+    from fourbit.kernels.lora_fn import lora_nf4_group
+    x, packed, qs, A, B = _case(dtype=torch.bfloat16)
+    gy = torch.randn(x.shape[:-1] + (192,), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    runs = [_grads(lambda x, A, B, k=k: lora_nf4_linear(x, None, A, B, packed, qs, 2.0, keep_w=k), x, A, B, gy)
+            for k in (False, True)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    st = NF4State.from_quant_state(qs)
+    As, Bs = [A, A * 0.5], [B, B[:64] * 2]
+    gy2 = torch.randn(x.shape[:-1] + (256,), generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    outs = []
+    for k in (False, True):
+        xx = x.clone().requires_grad_(True)
+        aa = [a.clone().requires_grad_(True) for a in As]
+        bb = [b.clone().requires_grad_(True) for b in Bs]
+        p2, qs2 = bnbf.quantize_4bit(torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16),
+                                     blocksize=64, compress_statistics=True, quant_type="nf4")
+        y = lora_nf4_group(xx, aa, bb, [packed, p2], [st, NF4State.from_quant_state(qs2)], 2.0, keep_w=k)
+        y.backward(gy2)
+        outs.append([y.detach(), xx.grad] + [t.grad for t in aa + bb])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

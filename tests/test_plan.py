@@ -160,18 +160,36 @@ def test_auto_policy_is_the_fastest_that_fits(device):
                                   "train": {"micro_batch_size": 4, "device": "cpu", "grad_checkpointing": True,
                                             "checkpointing_policy": "auto"}})
     spec = model_spec(cfg.model)
-    order = ("off", "selective", "full") if device == "cpu" else ("off", "selective", "offload")
+    order = ("off", "selective", "full") if device == "cpu" else ("keep", "off", "selective", "offload")
     tot = {p: estimate(cfg, spec, device, policy=p).total for p in order}
     room = CPU_ROOM if device == "cpu" else {}
     roomy = plan(cfg, memory="64GiB", device=device)
-    assert roomy.policy == "off" and roomy.auto              # RAM to spare: no recompute
+    assert roomy.policy == order[0] and roomy.auto           # memory to spare: no recompute (GPU: no second dequant)
     assert "auto" in format_report(roomy) and "selective" in format_report(roomy)
+    if device == "cuda":
+        assert tot["keep"] > tot["off"]
+        assert plan(cfg, memory=str(int((tot["keep"] + tot["off"]) / 2)), device=device).policy == "off"
     assert plan(cfg, memory=str(int(0.99 * tot["off"] / room.get("off", 1))), device=device).policy == "selective"
     if tot["selective"] > tot[order[2]]:
         between = (tot["selective"] / room.get("selective", 1) + tot[order[2]]) / 2
         assert plan(cfg, memory=str(int(between)), device=device).policy == order[2]
     tight = plan(cfg, memory=str(int(0.5 * min(tot.values()))), device=device)
     assert tight.policy == min(tot, key=tot.get) and tight.fits is False and tight.advice
+
+
+def test_keep_adds_the_dequantized_weights_on_cuda_only():
+    """`keep` = `off` + every adapted NF4 linear's weight in 16 bits (less the one dequantized weight
+    `off` holds in backward); on CPU it is `off`."""
+    cfg = load_config(None, base={"model": "shape:smollm2-135m", "data": {"max_length": 512},
+                                  "train": {"micro_batch_size": 2, "device": "cpu"}})
+    spec = model_spec(cfg.model)
+    off, keep = (estimate(cfg, spec, "cuda", policy=p) for p in ("off", "keep"))
+    from fourbit.plan_model import lora_targets
+    kept = 2 * sum(lin.numel for lin in lora_targets(spec, cfg.lora.targets))
+    assert keep.part("kept_w") == kept and off.part("kept_w") == 0
+    assert keep.part("act") == off.part("act")
+    cpu_off, cpu_keep = (estimate(cfg, spec, "cpu", policy=p) for p in ("off", "keep"))
+    assert cpu_keep.total == cpu_off.total and cpu_keep.part("kept_w") == 0
 
 
 def _saved_per_branch(model, batch):

@@ -174,7 +174,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     res.update(_memory(dev))
     cfg = model.config
     res["mfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, False) / (peak_tflops * 1e12), 4)
-    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen != "off",
+    res["hfu"] = round(res["tokens_per_s"] * flops_per_token(cfg, seq, r, chosen not in ("off", "keep"),
                                                             (switches or {}).get("split", True)
                                                             and chosen in ("selective", "offload"))
                        / (peak_tflops * 1e12), 4)
@@ -334,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--runs", default="off,offload,classic",
-                   help="comma list: fourbit policies off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one, :noloraorder a round-5 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
+                   help="comma list: fourbit policies keep|off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one, :noloraorder a round-5 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
@@ -349,7 +349,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def table(results: list[dict], classic: Optional[dict]) -> str:
-    unsloth = {"off": 14424.0, "full": 10312.0, "offload": 10312.0}
+    unsloth = {"keep": 14424.0, "off": 14424.0, "full": 10312.0, "offload": 10312.0}
     rows = ["| system | ckpt | tokens/s | s/step | peak alloc GiB | peak reserved GiB | MFU | HFU | loss (last) "
             "| x classic | x Unsloth (ANCHORS) |", "|" + " --- |" * 11]
     for r in results:

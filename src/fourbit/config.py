@@ -126,8 +126,8 @@ class TrainConfig:
     """Stop the run after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped, not applied)."""
     auto_micro_batch: bool = False
     """On out-of-memory, halve the micro-batch and double grad_accum (same effective batch) and retry the step."""
-    checkpointing_policy: Literal["auto", "off", "selective", "full", "offload"] = "auto"
-    """Activation checkpointing when grad_checkpointing is true: `full` keeps each decoder layer's input and recomputes the layer; `selective` keeps its input and its mid-layer residual and recomputes all but the two output projections (Llama/Mistral/Qwen layers; others as full); `offload` is selective with those tensors in CPU memory; `off` keeps everything; `auto` picks the fastest that fits the memory plan."""
+    checkpointing_policy: Literal["auto", "keep", "off", "selective", "full", "offload"] = "auto"
+    """Activation checkpointing when grad_checkpointing is true: `keep` is `off` and also keeps each adapted layer's dequantized 16-bit base weight from forward to backward (GPU; fastest, +2 bytes a base weight); `full` keeps each decoder layer's input and recomputes the layer; `selective` keeps its input and its mid-layer residual and recomputes all but the two output projections (Llama/Mistral/Qwen layers; others as full); `offload` is selective with those tensors in CPU memory; `off` keeps everything; `auto` picks the fastest that fits the memory plan."""
     seed: int = 0
     """Seed for LoRA initialisation, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

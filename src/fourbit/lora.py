@@ -237,6 +237,11 @@ class LoRALinear(nn.Module):
             self._nf4, self._nf4_key = NF4State.from_quant_state(w.quant_state), key
         return self._nf4
 
+    def keeps_weight(self) -> bool:
+        """True when the fast path keeps the dequantized base weight for backward (checkpointing policy
+        `keep`, set by `train.activations.apply_checkpointing`), in a training forward."""
+        return self.__dict__.get("_fourbit_keep_w", False) and self.training and torch.is_grad_enabled()
+
     def fast_path(self, x: torch.Tensor) -> bool:
         """True when the GPU fast path (one autograd node over the NF4 weight) applies to x."""
         base = self.base_layer
@@ -257,7 +262,8 @@ class LoRALinear(nn.Module):
             from .kernels.lora_fn import lora_nf4_linear
             xd = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
             return lora_nf4_linear(x, xd, self.lora_A.weight, self.lora_B.weight, base.weight.data,
-                                   self._nf4_state(), self.scaling, compute_y=not no_fwd, lowp=self.lowp(x.dtype))
+                                   self._nf4_state(), self.scaling, compute_y=not no_fwd, lowp=self.lowp(x.dtype),
+                                   keep_w=self.keeps_weight())
         y = _FrozenBackwardOnly.apply(x, base) if no_fwd else self.base_forward(x)   # (..., out)
         drop = self.lora_dropout
         if isinstance(drop, FastDropout) and drop.training and not x.is_cuda:
@@ -303,7 +309,7 @@ class LoRAGroup:
         ms = self.members
         return lora_nf4_group(x, [m.lora_A.weight for m in ms], [m.lora_B.weight for m in ms],
                               [m.base_layer.weight.data for m in ms], [m._nf4_state() for m in ms], ms[0].scaling,
-                              lowp=self.lowp(x.dtype))
+                              lowp=self.lowp(x.dtype), keep_w=ms[0].keeps_weight())
 
     def lowp(self, dtype: torch.dtype) -> tuple:
         """(stacked A's (k r, in), [s*B_i], block-diagonal s*B) in `dtype`, cached like `LoRALinear.lowp` (members share a clock)."""

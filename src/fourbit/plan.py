@@ -7,6 +7,8 @@ on CUDA `fuse_layers` and the LoRA fast path, bf16 A and s*B cached per optimize
     persistent  NF4 weights + scales (exact bytes), 16-bit embeddings / LM head / norms,
                 LoRA weights (the flat buffer), their gradients, optimizer states (fp32; paged on CUDA)
     saved       activations autograd keeps for backward, by checkpointing policy (`estimate`):
+                  keep       as off, + every adapted NF4 linear's dequantized 16-bit weight (CUDA fast
+                             path; elsewhere keep runs as off)
                   off        every layer's (per-token bytes in `layer_parts`)
                   full       each layer's input (tokens x hidden), one whole layer recomputed in backward
                   selective  each layer's input x and mid-layer residual h (2 tensors a layer); backward
@@ -82,7 +84,7 @@ class PlanReport:
     device: str                                  # cuda | cpu
     micro_batch: int
     seq: int
-    policy: str                                  # off | selective | full | offload
+    policy: str                                  # keep | off | selective | full | offload
     masked: bool
     items: list[Item] = field(default_factory=list)
     budget: Optional[int] = None
@@ -179,9 +181,12 @@ def _largest_linear(spec: ModelSpec) -> int:
 
 
 def effective_policy(policy: str, device: str, spec: ModelSpec) -> str:
-    """What runs: selective needs a Llama-style layer (else full); offload on CPU is selective (or full);
+    """What runs: keep needs the CUDA fast path (else off); selective needs a Llama-style layer (else full);
+    offload on CPU is selective (or full);
     offload of a layer that cannot be split keeps its input on the host ("offload-layer")."""
     split = spec.splittable
+    if policy == "keep":
+        return "keep" if device == "cuda" and split else "off"       # the fast path keeps them, on CUDA
     if policy == "selective":
         return "selective" if split else "full"
     if policy == "offload":
@@ -282,11 +287,15 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
     weight = d * _largest_linear(spec)
     mlp_grads = tok * (3 * d * I + 2 * hid)
     what = f"checkpointing `{policy}`" + (f" (runs as `{mode}`)" if mode != policy and mode != "offload-layer" else "")
-    if mode == "off":
+    if mode in ("off", "keep"):
         saved = tok * (first + (L - 1) * per_layer) + cast * L
         add("act", f"activations: {L} layers x {per_layer / 1024:.1f} KiB/token x {tok} tokens "
                    "(no checkpointing)", int(saved + top))
         bwd_tr, bwd_what = weight + mlp_grads, "MLP gradients + one dequantized weight"
+        if mode == "keep" and cfg.quant.bits == 4:
+            add("kept_w", f"dequantized base weights kept for backward ({len(chosen)} adapted linears, "
+                          f"{d * 8} bits each; `keep`)", d * sum(l.numel for l in chosen))
+            bwd_tr, bwd_what = mlp_grads, "MLP gradients"
     elif mode in ("full", "offload-layer"):
         if mode == "full":
             add("act", f"activations: each layer's input ({L} x {tok} tokens x {hid} B), {what}",
@@ -391,9 +400,10 @@ def _largest(fn, lo: int, hi: int) -> Optional[int]:
 
 
 def policy_order(device: str) -> tuple[str, ...]:
-    """Checkpointing policies from fastest to most frugal. CUDA: offload keeps less on the GPU than full
-    and is now faster, so full is skipped; CPU: offload is selective there, full keeps less."""
-    return ("off", "selective", "offload") if device == "cuda" else ("off", "selective", "full")
+    """Checkpointing policies from fastest to most frugal. CUDA: keep (off + the dequantized weights);
+    offload keeps less on the GPU than full and is now faster, so full is skipped; CPU: keep is off
+    there, offload is selective, full keeps less."""
+    return ("keep", "off", "selective", "offload") if device == "cuda" else ("off", "selective", "full")
 
 
 def _thriftier(policy: str, device: str) -> list[str]:
@@ -487,7 +497,7 @@ def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None
     """The plan for a run config: model shapes from the config alone, budget given or detected.
 
     checkpointing_policy auto takes the fastest policy of `policy_order` whose peak fits the budget
-    (CUDA: off, selective, offload; CPU: off, selective, full), the smallest when none does."""
+    (CUDA: keep, off, selective, offload; CPU: off, selective, full), the smallest when none does."""
     if device is None and cfg.train.device == "cuda":
         device = "cuda"                 # planning for a GPU needs none here (the budget: --memory)
     if device is None:

@@ -27,7 +27,9 @@ xd = dropout(x), xd = x when dropout is 0):
     dB  = s gy^T h                              (out, r)
 
 Matmuls run in the activation dtype (bf16) with fp32 accumulation; the fp32 LoRA weights are cast
-once per call, and their gradients are returned in fp32 (what autograd does through the cast).
+once per call (or per optimizer step, `lowp`), and their gradients are returned in fp32: on CUDA
+the dA / dB GEMMs write fp32 straight from their fp32 accumulators (`_mm_f32`): no bf16 rounding of
+the gradient before its fp32 copy (autograd through the cast makes one), and no cast kernel.
 `lora_linear_reference` is the same function written with plain autograd; the tests compare them.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ class LoRANF4Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xd, A, B, packed, state: NF4State, scaling: float, compute_y: bool = True,
-                lowp: Optional[tuple] = None):
+                lowp: Optional[tuple] = None, keep_w: bool = False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])              # (N, in)
@@ -66,9 +68,12 @@ class LoRANF4Function(torch.autograd.Function):
             if w.dtype != x.dtype:
                 w = w.to(x.dtype)
             y = _base_plus_lora(x2, w.t(), h, b.t())                       # (N, out)
+            ctx.w = w if keep_w else None                                   # policy `keep`: no second dequant
             del w
         else:                          # a recompute whose output is never read: backward only (see docstring)
             y = x2.new_empty((x2.shape[0], B.shape[0]))
+        if not compute_y:
+            ctx.w = None
         ctx.save_for_backward(xd2, h, A, B)
         ctx.lowp = (a, b)
         ctx.packed, ctx.state, ctx.scaling = packed, state, scaling
@@ -87,20 +92,22 @@ class LoRANF4Function(torch.autograd.Function):
         need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
         gh = gy2 @ b                                                        # (N, r)
         dx = dxd = dA = dB = None
+        w, ctx.w = ctx.w, None
         if need_x:
-            w = dequantize_nf4_fast(ctx.packed, ctx.state)
+            if w is None:
+                w = dequantize_nf4_fast(ctx.packed, ctx.state)
             if w.dtype != dt:
                 w = w.to(dt)
             dx = _base_plus_lora(gy2, w, gh, a) if not ctx.has_xd else gy2 @ w   # (N, in): gy W [+ gh A]
-            del w
             dx = dx.view(ctx.in_shape)
+        del w
         if ctx.has_xd and need_xd:
             dxd = (gh @ a).view(ctx.in_shape)
         if need_a:
-            dA = (gh.t() @ xd2).float()                                     # (r, in)
+            dA = _mm_f32(gh.t(), xd2)                                       # (r, in)
         if need_b:
-            dB = (gy2.t() @ h).float().mul_(ctx.scaling)                    # (out, r)
-        return dx, dxd, dA, dB, None, None, None, None, None
+            dB = _mm_f32(gy2.t(), h).mul_(ctx.scaling)                      # (out, r)
+        return dx, dxd, dA, dB, None, None, None, None, None, None
 
 
 def _base_plus_lora(x: torch.Tensor, wt: torch.Tensor, h: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
@@ -110,15 +117,34 @@ def _base_plus_lora(x: torch.Tensor, wt: torch.Tensor, h: torch.Tensor, bt: torc
     return (x @ wt).addmm_(h, bt)
 
 
+_MM_OUT_DTYPE: Optional[bool] = None        # torch.mm(..., out_dtype=) works here (CUDA, torch >= 2.8)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 (the LoRA weight gradients): on CUDA one GEMM that writes fp32 from its fp32
+    accumulator (`out_dtype`), not a bf16 result and a cast kernel; elsewhere the cast."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and a.dtype != torch.float32 and _MM_OUT_DTYPE is not False and Switches.wgrad_f32:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).float()
+
+
 def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
                     packed: torch.Tensor, state: NF4State, scaling: float, compute_y: bool = True,
-                    lowp: Optional[tuple] = None) -> torch.Tensor:
+                    lowp: Optional[tuple] = None, keep_w: bool = False) -> torch.Tensor:
     """Frozen NF4 linear + LoRA, one autograd node. xd: dropout(x), or None when dropout is 0.
 
     compute_y=False: the forward skips the base GEMM and returns an uninitialised tensor of the
     output's shape; backward is unchanged (it never reads y). For a recompute whose output only
     carries a gradient back (`train.activations`' split recompute of o_proj and down_proj).
     lowp: (A, s*B) already in x's dtype (`LoRALinear.lowp`, cast once per optimizer step), or None.
+    keep_w: keep the dequantized weight from forward to backward instead of dequantizing it again
+        (checkpointing policy `keep`: +2 bytes a weight until backward, one dequantization less).
 
     Args:
         x: (..., in) activations (bf16 on the GPU).
@@ -127,7 +153,7 @@ def lora_nf4_linear(x: torch.Tensor, xd: Optional[torch.Tensor], A: torch.Tensor
     Returns:
         (..., out) in x's dtype.
     """
-    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling, compute_y, lowp)
+    return LoRANF4Function.apply(x, xd, A, B, packed, state, scaling, compute_y, lowp, keep_w)
 
 
 def reference_weight(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -145,11 +171,13 @@ class LoRANF4GroupFunction(torch.autograd.Function):
     exactly 0; dB's off-diagonal blocks are computed and dropped, k r columns only). Dropout must
     be 0 (one shared x). Math per block i is that of `LoRANF4Function`; dx sums the k blocks inside one
     fp32-accumulated GEMM instead of adding k bf16 results.
-    Inputs: x, k, packed list, state list, scaling, lowp (or None), A_1..A_k, B_1..B_k. Output: (..., sum out).
+    Inputs: x, k, packed list, state list, scaling, lowp (or None), keep_w, A_1..A_k, B_1..B_k.
+    Output: (..., sum out).
     """
 
     @staticmethod
-    def forward(ctx, x, k: int, packed: list, states: list, scaling: float, lowp: Optional[tuple], *ab):
+    def forward(ctx, x, k: int, packed: list, states: list, scaling: float, lowp: Optional[tuple], keep_w: bool,
+                *ab):
         As, Bs = ab[:k], ab[k:]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                       # (N, in)
@@ -168,6 +196,7 @@ class LoRANF4GroupFunction(torch.autograd.Function):
                 r = b.shape[1]
                 y[:, o:o + b.shape[0]].addmm_(h[:, c:c + r], b.t())
                 o, c = o + b.shape[0], c + r
+        ctx.w = w if keep_w else None
         del w
         ctx.lowp = lowp
         ctx.save_for_backward(x2, h, *As, *Bs)
@@ -185,11 +214,11 @@ class LoRANF4GroupFunction(torch.autograd.Function):
         a, bs, bd = ctx.lowp
         if a.dtype != dt:
             a, bs, bd = group_lowp(As, Bs, s, dt)
-        need_b = ctx.needs_input_grad[6 + k:]
+        need_b = ctx.needs_input_grad[7 + k:]
         dBs = []
         if Switches.lora_first:        # one GEMM each over the block-diagonal s B (its zeros add exactly 0)
             gh = gy2 @ bd                                                   # (N, k r)
-            dB = (gy2.t() @ h).float().mul_(s) if any(need_b) else None     # (sum out, k r): blocks i,i used
+            dB = _mm_f32(gy2.t(), h).mul_(s) if any(need_b) else None       # (sum out, k r): blocks i,i used
             o, c = 0, 0
             for b, nb in zip(bs, need_b):
                 dBs.append(dB[o:o + b.shape[0], c:c + b.shape[1]] if nb else None)
@@ -204,21 +233,23 @@ class LoRANF4GroupFunction(torch.autograd.Function):
                 dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if nb else None)
                 o, c = o + out, c + r
         dx = None
+        w, ctx.w = ctx.w, None
         if need_x:
-            w = _dequant_group(ctx.packed, ctx.states, [B.shape[0] for B in Bs], x2.shape[1], dt)
-            dx = _base_plus_lora(gy2, w, gh, a)                             # (N, in): gy W + gh A
-            del w
+            if w is None:
+                w = _dequant_group(ctx.packed, ctx.states, [B.shape[0] for B in Bs], x2.shape[1], dt)
+            dx = _base_plus_lora(gy2, w.to(dt), gh, a)                      # (N, in): gy W + gh A
             dx = dx.view(ctx.in_shape)
+        del w
         dAs = []
-        if any(ctx.needs_input_grad[6:6 + k]):
-            dA = (gh.t() @ x2).float()                                      # (k r, in)
+        if any(ctx.needs_input_grad[7:7 + k]):
+            dA = _mm_f32(gh.t(), x2)                                        # (k r, in)
             c = 0
-            for A, need_a in zip(As, ctx.needs_input_grad[6:6 + k]):
+            for A, need_a in zip(As, ctx.needs_input_grad[7:7 + k]):
                 dAs.append(dA[c:c + A.shape[0]] if need_a else None)
                 c += A.shape[0]
         else:
             dAs = [None] * k
-        return (dx, None, None, None, None, None, *dAs, *dBs)
+        return (dx, None, None, None, None, None, None, *dAs, *dBs)
 
 
 def group_lowp(As: list, Bs: list, scaling: float, dtype: torch.dtype) -> tuple:
@@ -240,7 +271,7 @@ def _dequant_group(packed: list, states: list, outs: list, din: int, dtype: torc
 
 
 def lora_nf4_group(x: torch.Tensor, As: list, Bs: list, packed: list, states: list,
-                   scaling: float, lowp: Optional[tuple] = None) -> torch.Tensor:
+                   scaling: float, lowp: Optional[tuple] = None, keep_w: bool = False) -> torch.Tensor:
     """k frozen NF4 linears + LoRA on one input x (dropout 0), one autograd node.
 
     Args:
@@ -250,7 +281,7 @@ def lora_nf4_group(x: torch.Tensor, As: list, Bs: list, packed: list, states: li
     Returns:
         (..., sum out_i): the k outputs side by side (split with `torch.split`, whose backward is one cat).
     """
-    return LoRANF4GroupFunction.apply(x, len(As), list(packed), list(states), scaling, lowp, *As, *Bs)
+    return LoRANF4GroupFunction.apply(x, len(As), list(packed), list(states), scaling, lowp, keep_w, *As, *Bs)
 
 
 def lora_group_reference(x: torch.Tensor, weights: list, As: list, Bs: list, scaling: float) -> torch.Tensor:
