@@ -97,7 +97,7 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True,
               chunk: int = 0, switches: Optional[dict] = None,
               sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True,
-              sdpa: Optional[str] = None) -> dict:
+              sdpa: Optional[str] = None, host_tail: bool = False) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
@@ -135,24 +135,38 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
         total, warm_lr = warm + steps, math.ceil(0.03 * (warm + steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: hf_cosine(s, total, warm_lr))
 
+        marks: list = []                  # (phase, perf_counter) when `host_tail` times the step's host side
+
+        def mark(name: str) -> None:
+            if host_tail:
+                marks.append((name, time.perf_counter()))
+
         def step(s: int) -> float:
             n_train = bsz * ga * (seq - 1)
             loss_sum = 0.0
+            mark("start")
             for j in range(ga):
                 rows = ids[(s * ga + j) * bsz:(s * ga + j + 1) * bsz].to(dev, non_blocking=True)
                 ls, _ = causal_lm_loss(model, {"input_ids": rows, "labels": rows}, chunk=chunk)
+                mark("forward queued")
                 (ls / n_train).backward()
                 loss_sum = loss_sum + ls.detach()          # summed on the device
+                mark("backward queued")
             if fl:
                 fl.gather_grads()
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            mark("gather + clip queued")
             if sync_each_step:            # as `fourbit train`: loss and norm read once, before the update
                 loss_sum = torch.stack([loss_sum.float(), gnorm.float()]).tolist()[0]
+            mark("host read (waits for the GPU)")
             opt.step()
+            mark("optimizer step")
             sched.step()
+            mark("scheduler")
             opt.zero_grad(set_to_none=True)
             if fl:
                 fl.zero_grad()
+            mark("zero_grad")
             return loss_sum / n_train
 
         if gc_off:
@@ -163,6 +177,21 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
             res = _timed_loop(step, dev, steps, warm, bsz * ga * seq)
             if profile_path:
                 _profile(step, dev, profile_path)
+            if host_tail:                 # 3 more steps, host time per phase (no profiler)
+                if hasattr(opt, "prefetch_state"):            # bitsandbytes: its prefetch calls on their own
+                    pre = opt.prefetch_state
+
+                    def timed_prefetch(p_):
+                        mark("optimizer: entry")
+                        pre(p_)
+                        mark("optimizer: prefetch")
+                    opt.prefetch_state = timed_prefetch
+                marks.clear()
+                _sync(dev)
+                for s in range(3):
+                    step(s)
+                _sync(dev)
+                res["host_ms"] = _phase_ms(marks)
     finally:
         gc.enable()
         if hook is not None:
@@ -180,6 +209,14 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
                        / (peak_tflops * 1e12), 4)
     res.update(system="fourbit", policy=chosen)
     return res
+
+
+def _phase_ms(marks: list) -> dict:
+    """Mean host milliseconds spent reaching each mark from the one before (marks of several steps)."""
+    acc: dict = {}
+    for (_, t0), (name, t1) in zip(marks, marks[1:]):
+        acc.setdefault("between steps" if name == "start" else name, []).append(1e3 * (t1 - t0))
+    return {k: round(sum(v) / len(v), 3) for k, v in acc.items()}
 
 
 def _profile(step_fn, dev, path: str) -> None:
@@ -337,6 +374,8 @@ def parser() -> argparse.ArgumentParser:
                    help="comma list: fourbit policies keep|off|selective|full|offload|auto (suffixes :noflat :nogroup :chunkN undo a round-2 change, :nosplit :norope :noce a round-3 one, :noloraorder a round-5 one; :nosync reads losses once at the end, :gcoff disables Python's GC, :nolowp casts LoRA weights per call, :sdpa=flash_attention|cudnn_attention|efficient_attention picks SDPA's backend), "
                         "and classic|classic-nockpt (last)")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--host-tail", action="store_true",
+                   help="after each fourbit run, time 3 more steps' host side by phase (ms, in the RESULT line)")
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the auto policy")
     p.add_argument("--device", default="auto")
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"])
@@ -401,7 +440,7 @@ def main(argv: list[str]) -> int:
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
                             flat=not a.no_flat and "noflat" not in opts, chunk=chunk,
                             switches={Switches.SUFFIXES[o]: False for o in opts if o in Switches.SUFFIXES},
-                            sync_each_step="nosync" not in opts,
+                            sync_each_step="nosync" not in opts, host_tail=a.host_tail,
                             gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts,
                             sdpa=next((o[5:] for o in opts if o.startswith("sdpa=")), None), **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))
