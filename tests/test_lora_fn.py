@@ -330,35 +330,3 @@ def test_keep_w_gives_the_same_output_and_gradients():
         outs.append([y.detach(), xx.grad] + [t.grad for t in aa + bb])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-
-
-def test_refresh_casts_every_layer_at_once_bit_identically():
-    """A stale cache refreshes all layers of the clock in a few kernels (`_Clock.refresh`): the same bits
-    as each layer's own cast, the group's stacked A a view of the buffer; mixed scalings fall back."""
-    import torch.nn as nn
-    from fourbit.lora import LoRAGroup, cache_optimizer_steps
-    ms = [_lora_layer() for _ in range(4)]
-    for m in ms:
-        with torch.no_grad():
-            m.lora_A.weight.normal_()
-    grp = LoRAGroup(ms[1:3])
-    for m in grp.members:
-        m.__dict__["_fourbit_group"] = grp
-    opt = torch.optim.SGD([p for m in ms for p in (m.lora_A.weight, m.lora_B.weight)], lr=0.1)
-    h = cache_optimizer_steps(opt, nn.ModuleList(ms))
-    a3, b3 = ms[3].lowp(torch.bfloat16)                       # the last layer asks first: all refresh
-    for m in ms:
-        a, b = m.__dict__["_lowp"][1:]
-        assert torch.equal(a, m.lora_A.weight.to(torch.bfloat16))
-        assert torch.equal(b, (m.lora_B.weight * m.scaling).to(torch.bfloat16))
-    assert a3 is ms[3].__dict__["_lowp"][1] and ms[0].lowp(torch.bfloat16)[0] is ms[0].__dict__["_lowp"][1]
-    stacked, bs, bd = grp.lowp(torch.bfloat16)
-    assert stacked.data_ptr() == ms[1].__dict__["_lowp"][1].data_ptr()          # a view, no cat
-    assert torch.equal(stacked, torch.cat([ms[1].lora_A.weight, ms[2].lora_A.weight]).to(torch.bfloat16))
-    assert torch.equal(bd, torch.block_diag(*bs))
-    h.remove()
-    ms[0].scaling = 3.0                                        # mixed scalings: per-layer casts
-    h = cache_optimizer_steps(opt, nn.ModuleList(ms))
-    a0, b0 = ms[0].lowp(torch.bfloat16)
-    assert torch.equal(b0, (ms[0].lora_B.weight * 3.0).to(torch.bfloat16)) and "_lowp" not in ms[3].__dict__
-    h.remove()

@@ -76,53 +76,16 @@ class _Frozen4bitMatmul(torch.autograd.Function):
 # through raw pointers, which no version counter sees, so the layers get a clock that the optimizer's
 # step hook advances. Keys also hold the tensors' version counters and addresses, so torch's own
 # in-place updates and re-bound weights refresh it anyway. Layers without a clock never cache.
-# A stale cache is refreshed for every layer of the clock at once (`_Clock.refresh`): all A's in one
-# cat + one cast, all B's in one cat + one scale + one cast, instead of ~2 small kernels per layer
-# (round-7 profile: ~960 cast / copy / mul launches a step at Llama-3-8B, most of them these).
 
 
 class _Clock:
-    __slots__ = ("gen", "members")
+    __slots__ = ("gen",)
 
     def __init__(self):
         self.gen = 0
-        self.members: list = []              # the LoRALinears this clock's optimizer updates, model order
 
     def tick(self, *_args) -> None:
         self.gen += 1
-
-    def refresh(self, dtype: torch.dtype) -> bool:
-        """Cast every member's A and s*B to `dtype` (views of two buffers) and store them as the members'
-        and their groups' caches. False (nothing done) when members differ in device or scaling."""
-        ms = self.members
-        if (not Switches.lowp_all or not ms or len({m.scaling for m in ms}) != 1
-                or len({m.lora_A.weight.device for m in ms}) != 1):
-            return False
-        As = [m.lora_A.weight.detach() for m in ms]
-        Bs = [m.lora_B.weight.detach() for m in ms]
-        a_all = torch.cat([t.reshape(-1) for t in As]).to(dtype)            # same rounding as A.to(dtype)
-        b_all = torch.cat([t.reshape(-1) for t in Bs]).mul_(ms[0].scaling).to(dtype)   # as (B * s).to(dtype)
-        oa = ob = 0
-        spans = {}
-        for m, A, B in zip(ms, As, Bs):
-            a = a_all[oa:oa + A.numel()].view(A.shape)
-            b = b_all[ob:ob + B.numel()].view(B.shape)
-            m.__dict__["_lowp"] = (_lowp_key(self, (m.lora_A.weight, m.lora_B.weight), dtype), a, b)
-            spans[id(m)] = (oa, oa + A.numel())
-            oa, ob = oa + A.numel(), ob + B.numel()
-        for grp in {id(g): g for g in (m.__dict__.get("_fourbit_group") for m in ms) if g is not None}.values():
-            gms = grp.members
-            if any(id(m) not in spans for m in gms):
-                continue
-            first, last = spans[id(gms[0])], spans[id(gms[-1])]
-            parts = [m.__dict__["_lowp"][1:] for m in gms]
-            if all(spans[id(x)][1] == spans[id(y)][0] for x, y in zip(gms, gms[1:])):
-                stacked = a_all[first[0]:last[1]].view(-1, gms[0].in_features)    # A's back to back: a view
-            else:
-                stacked = torch.cat([a for a, _ in parts])
-            bs = [b for _, b in parts]
-            grp._lowp = (grp.key(dtype), (stacked, bs, torch.block_diag(*bs)))   # as `lora_fn.group_lowp`
-        return True
 
 
 class _CacheHandle:
@@ -146,7 +109,6 @@ def cache_optimizer_steps(opt: torch.optim.Optimizer, model: nn.Module) -> _Cach
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.__dict__["_lowp_clock"] = clock
-            clock.members.append(m)
     return _CacheHandle(opt.register_step_post_hook(clock.tick), model)
 
 
@@ -263,10 +225,7 @@ class LoRALinear(nn.Module):
         key = _lowp_key(clock, (A, B), dtype)
         c = self.__dict__.get("_lowp")
         if c is None or c[0] != key:
-            if clock.refresh(dtype) and self.__dict__["_lowp"][0] == key:     # every layer at once
-                c = self.__dict__["_lowp"]
-            else:
-                c = self.__dict__["_lowp"] = (key, A.detach().to(dtype), (B.detach() * self.scaling).to(dtype))
+            c = self.__dict__["_lowp"] = (key, A.detach().to(dtype), (B.detach() * self.scaling).to(dtype))
         return c[1], c[2]
 
     def _nf4_state(self):
@@ -357,23 +316,15 @@ class LoRAGroup:
         ms = self.members
         clock = ms[0].__dict__.get("_lowp_clock")
         if clock is not None:
-            key = self.key(dtype)
+            key = _lowp_key(clock, [t for m in ms for t in (m.lora_A.weight, m.lora_B.weight)], dtype)
             if self._lowp is not None and self._lowp[0] == key:
                 return self._lowp[1]
-        parts = [m.lowp(dtype) for m in ms]           # may refresh every layer, this group included
-        if clock is not None and self._lowp is not None and self._lowp[0] == key:
-            return self._lowp[1]
+        parts = [m.lowp(dtype) for m in ms]
         bs = [b for _, b in parts]
         val = (torch.cat([a for a, _ in parts]), bs, torch.block_diag(*bs))   # as `lora_fn.group_lowp`
         if clock is not None:
             self._lowp = (key, val)
         return val
-
-    def key(self, dtype: torch.dtype) -> tuple:
-        """The cache key of the group's casts (its members' clock, weights and versions)."""
-        ms = self.members
-        return _lowp_key(ms[0].__dict__["_lowp_clock"], [t for m in ms for t in (m.lora_A.weight, m.lora_B.weight)],
-                         dtype)
 
     def member_forward(self, m: "LoRALinear", x: torch.Tensor) -> Optional[torch.Tensor]:
         i = next(j for j, mm in enumerate(self.members) if mm is m)
