@@ -164,13 +164,14 @@ def test_keep_policy_marks_and_unmarks_the_lora_layers():
     assert apply_checkpointing(model, "keep") == "keep"
     lins = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert lins and all(m.keeps_weight() for m in lins)
-    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+    assert all("forward" in layer.__dict__ for layer in model.model.layers)     # the fused add + norm forward
     got = _loss_and_grads(model, ids, None)
     model.eval()
     assert not any(m.keeps_weight() for m in lins)                 # inference: nothing to keep
     model.train()
     remove_checkpointing(model)
     assert not any(m.keeps_weight() for m in lins)
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
     for a, b in zip(got[1], ref[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -96,3 +96,34 @@ def test_fuse_layers_swaps_and_keeps_names():
     unfuse_layers(model)
     assert type(model.model.norm).__name__ == "LlamaRMSNorm" and "forward" not in model.model.layers[0].mlp.__dict__
     assert "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_add_rmsnorm_equals_add_then_rmsnorm_bitwise(dtype, request):
+    """One kernel each way for h = x + a, y = RMSNorm(h): the same bits as torch's add and the
+    RMSNorm kernel (forward and every gradient), which the recomputing policies run."""
+    if _in_interpreter_or_rerun(request):
+        return
+    from fourbit.kernels.rmsnorm import AddRMSNormFunction, RMSNormFunction, add_rmsnorm_reference
+    g = torch.Generator().manual_seed(4)
+    for H in (96, 128):
+        x, a = ((torch.randn(2, 5, H, generator=g) * 2).to(DEV, dtype) for _ in range(2))
+        w = (torch.rand(H, generator=g) + 0.5).to(DEV, dtype)
+        gh, gy = (torch.randn(2, 5, H, generator=g).to(DEV, dtype) for _ in range(2))
+
+        def run(fn):
+            xx, aa = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+            h, y = fn(xx, aa)
+            torch.autograd.backward([h, y], [gh, gy])
+            return [h.detach(), y.detach(), xx.grad, aa.grad]
+        fused = run(lambda xx, aa: AddRMSNormFunction.apply(xx, aa, w, 1e-5))
+        two = run(lambda xx, aa: (lambda h: (h, RMSNormFunction.apply(h, w, 1e-5)))(xx + aa))
+        for f, t in zip(fused, two):
+            if ON_GPU or dtype == torch.float32:
+                assert torch.equal(f, t)
+            else:       # Triton's interpreter does not round fp32 -> bf16 to nearest even as torch and GPUs do
+                assert _rel(f, t) < 1e-2
+        ref = run(lambda xx, aa: add_rmsnorm_reference(xx, aa, w, 1e-5))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for f, r in zip(fused, ref):
+            assert _rel(f, r) < tol

@@ -94,3 +94,27 @@ def test_step_hooks_fire_once_per_step(opt_async):
             p.grad = torch.ones_like(p)
             opt.step()
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_early_prefetch_then_step_equals_step(device):
+    """The loop queues the paged prefetch before its host read (`prefetch_states`); the step then skips
+    its own: same update as a plain step, and the next step prefetches again."""
+    kw = dict(lr=1e-2, weight_decay=0.01)
+
+    def make_early(ps):
+        opt = paged_adamw(32, ps, **kw)
+        step = opt.step
+
+        def early_step(closure=None):
+            opt.prefetch_states()
+            assert opt._prefetched or not any(len(opt.state[p]) for p in ps)
+            out = step(closure)
+            assert not opt._prefetched
+            return out
+        opt.step = early_step
+        return opt
+    a, _ = _run(lambda ps: paged_adamw(32, ps, **kw), device)
+    b, _ = _run(make_early, device)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

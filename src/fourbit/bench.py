@@ -151,10 +151,13 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
                 mark("forward queued")
                 (ls / n_train).backward()
                 loss_sum = loss_sum + ls.detach()          # summed on the device
+                del ls                                     # the graph's teardown while the GPU is busy
                 mark("backward queued")
             if fl:
                 fl.gather_grads()
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if hasattr(opt, "prefetch_states"):
+                opt.prefetch_states()
             mark("gather + clip queued")
             if sync_each_step:            # as `fourbit train`: loss and norm read once, before the update
                 loss_sum = torch.stack([loss_sum.float(), gnorm.float()]).tolist()[0]

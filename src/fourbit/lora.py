@@ -356,8 +356,8 @@ class FlatLoRA:
     kernel and one prefetch per tensor: 448 of them at Llama-3-8B) and `clip_grad_norm_` takes one
     norm. Adam and weight decay are elementwise, so the update equals the per-tensor one (not so for
     8-bit blockwise state: use it with 32-bit optimizers only). Per-layer gradients stay autograd's;
-    `gather_grads()` concatenates them into `flat.grad` (one cat) before clipping, `zero_grad()`
-    drops both (so no second gradient copy lives through the forward pass).
+    `gather_grads()` concatenates them into `flat.grad` (one cat) before clipping and drops them,
+    `zero_grad()` drops both (so no second gradient copy lives through the forward pass).
     """
 
     def __init__(self, model: nn.Module):
@@ -380,9 +380,13 @@ class FlatLoRA:
                 o += n
 
     def gather_grads(self) -> torch.Tensor:
-        """flat.grad = the per-layer gradients back to back (zeros for a layer without one)."""
+        """flat.grad = the per-layer gradients back to back (zeros for a layer without one); the
+        per-layer gradients are dropped (their memory freed here, while the GPU is still busy with
+        the backward, not after the optimizer step, when the host's time is on the critical path)."""
         self.flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                     for p in self.params])
+        for p in self.params:
+            p.grad = None
         return self.flat.grad
 
     def zero_grad(self) -> None:

@@ -17,12 +17,13 @@ class Switches:
     lora_first = True     # LoRA product written first, the base GEMM accumulates onto it (`kernels.lora_fn`) :noloraorder
     opt_async = True      # paged AdamW without bitsandbytes' per-step device syncs (`train.optim`)         :nooptasync
     wgrad_f32 = True      # LoRA weight gradients written in fp32 by their GEMM, no cast kernel (`kernels.lora_fn`) :nowgradf32
+    add_norm = True       # off/keep: mid-layer residual add + RMSNorm as one kernel (`kernels.rmsnorm`)    :noaddnorm
 
-    NAMES = ("group", "split", "rope", "ce_kernel", "lora_first", "opt_async", "wgrad_f32")
+    NAMES = ("group", "split", "rope", "ce_kernel", "lora_first", "opt_async", "wgrad_f32", "add_norm")
     # bench run suffix -> the switch it turns off
     SUFFIXES = {"nogroup": "group", "nosplit": "split", "norope": "rope", "noce": "ce_kernel",
                 "noloraorder": "lora_first", "nooptasync": "opt_async",
-                "nowgradf32": "wgrad_f32"}
+                "nowgradf32": "wgrad_f32", "noaddnorm": "add_norm"}
 
     @classmethod
     @contextmanager

@@ -85,6 +85,96 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), None, None
 
 
+# ---------------------------------------------------------------- residual add + RMSNorm, one kernel each way
+#
+# In a Llama-style layer the attention output is added to the residual stream and the sum is normed
+# for the MLP: h = x + a; y = norm(h). As two kernels the norm reads h back from memory; in backward
+# the norm writes dh_norm and autograd adds the residual's gradient in a second kernel. Here the
+# forward writes h and y in one pass, and the backward writes dh = round(dh_norm) + g_h in one: the
+# same bits as the two-kernel path (the norm's gradient is rounded to the activation dtype before
+# the add, as autograd's add of two bf16 tensors sees it), so every checkpointing policy, which
+# recomputes this with the two-kernel path, gives identical gradients.
+
+
+def add_rmsnorm_reference(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h, y) = (x + a, transformers' RMSNorm of h); autograd gives the backward."""
+    h = x + a
+    return h, rmsnorm_reference(h, weight, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_fwd(x_ptr, a_ptr, w_ptr, h_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + a).to(h_ptr.dtype.element_ty)                 # rounded as torch's add
+        tl.store(h_ptr + row * H + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        xhat = (hf * r).to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + row * H + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(r_ptr + row, r)
+
+    @triton.jit
+    def _add_rmsnorm_bwd(g_ptr, gh_ptr, h_ptr, w_ptr, r_ptr, dx_ptr, H, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        g = tl.load(g_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(h_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row)
+        gw = g * w
+        xr = x * r
+        c = tl.sum(gw * xr, axis=0) / H
+        dn = (r * (gw - xr * c)).to(dx_ptr.dtype.element_ty).to(tl.float32)   # the norm's rounded gradient
+        gh = tl.load(gh_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * H + cols, (dn + gh).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(h, y) = (x + a, RMSNorm(h)) with a frozen weight: one Triton kernel each way; saves h and 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x, a, weight, eps: float):
+        H = x.shape[-1]
+        x2, a2 = x.reshape(-1, H).contiguous(), a.reshape(-1, H).contiguous()
+        h, y = torch.empty_like(x2), torch.empty_like(x2)
+        r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        BLOCK = triton.next_power_of_2(H)
+        _add_rmsnorm_fwd[(x2.shape[0],)](x2, a2, weight, h, y, r, H, eps, BLOCK=BLOCK,
+                                         num_warps=8 if BLOCK >= 4096 else 4)
+        ctx.save_for_backward(h, weight, r)
+        ctx.shape = x.shape
+        return h.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gh, gy):
+        h2, weight, r = ctx.saved_tensors
+        H = h2.shape[-1]
+        gy2 = gy.reshape(-1, H).contiguous() if gy is not None else torch.zeros_like(h2)
+        gh2 = gh.reshape(-1, H).contiguous() if gh is not None else torch.zeros_like(h2)
+        dx = torch.empty_like(h2)
+        BLOCK = triton.next_power_of_2(H)
+        _add_rmsnorm_bwd[(h2.shape[0],)](gy2, gh2, h2, weight, r, dx, H, BLOCK=BLOCK,
+                                         num_warps=8 if BLOCK >= 4096 else 4)
+        dx = dx.view(ctx.shape)
+        return dx, dx, None, None
+
+
+def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, norm: "FusedRMSNorm"):
+    """(x + a, norm(x + a)) for a `FusedRMSNorm`: one kernel each way on CUDA (the reference elsewhere)."""
+    if x.is_cuda and triton is not None and not norm.weight.requires_grad:
+        return AddRMSNormFunction.apply(x, a, norm.weight, norm.variance_epsilon)
+    h = x + a
+    return h, norm(h)
+
+
 class FusedRMSNorm(torch.nn.Module):
     """Drop-in for a Llama-style RMSNorm with a frozen weight (same parameter name `weight`)."""
 

@@ -267,11 +267,7 @@ def _wrap(layer: nn.Module, policy: str, idx: int, store) -> None:
         if anchor.device != hidden_states.device:
             anchor = layer._fourbit_anchor = torch.empty(0, device=hidden_states.device, requires_grad=True)
         if split:
-            bound = sig.bind(hidden_states, *args, **kwargs).arguments
-            rest = {k: v for k, v in bound.items() if k != "hidden_states"}
-            for k, p in sig.parameters.items():                      # flatten **kwargs
-                if p.kind is inspect.Parameter.VAR_KEYWORD and k in rest:
-                    rest.update(rest.pop(k))
+            rest = _layer_kwargs(sig, hidden_states, args, kwargs)
 
             def attn(x):
                 return _first(layer.self_attn(hidden_states=layer.input_layernorm(x), **rest))
@@ -289,6 +285,36 @@ def _wrap(layer: nn.Module, policy: str, idx: int, store) -> None:
         return (out,) if tup[0] else out
 
     layer._fourbit_anchor = torch.empty(0, requires_grad=True)
+    layer.forward = forward
+
+
+def _layer_kwargs(sig: inspect.Signature, hidden_states, args: tuple, kwargs: dict) -> dict:
+    """A decoder layer's call arguments but hidden_states, as keywords (its **kwargs flattened)."""
+    bound = sig.bind(hidden_states, *args, **kwargs).arguments
+    rest = {k: v for k, v in bound.items() if k != "hidden_states"}
+    for k, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and k in rest:
+            rest.update(rest.pop(k))
+    return rest
+
+
+def _wrap_add_norm(layer: nn.Module) -> None:
+    """`off` / `keep` on a Llama-style layer with fused norms: the same forward, with the mid-layer
+    residual add and the MLP's RMSNorm as one kernel each way (`kernels.rmsnorm.add_rmsnorm`; off
+    CUDA the same two torch ops as transformers' forward, so CPU tests run this wiring too)."""
+    from ..kernels.rmsnorm import FusedRMSNorm, add_rmsnorm
+    orig = layer.__dict__.get("_fourbit_orig_forward") or layer.forward
+    layer._fourbit_orig_forward = orig
+    sig = inspect.signature(orig)
+
+    def forward(hidden_states, *args, **kwargs):
+        norm2 = layer.post_attention_layernorm
+        if not (Switches.add_norm and isinstance(norm2, FusedRMSNorm) and torch.is_grad_enabled() and layer.training):
+            return orig(hidden_states, *args, **kwargs)
+        rest = _layer_kwargs(sig, hidden_states, args, kwargs)
+        a = _first(layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **rest))
+        h, y = add_rmsnorm(hidden_states, a, norm2)
+        return h + layer.mlp(y)
     layer.forward = forward
 
 
@@ -431,6 +457,9 @@ def apply_checkpointing(model: nn.Module, policy: str = "full", budget_bytes: Op
             if isinstance(m, LoRALinear):
                 m.__dict__["_fourbit_keep_w"] = True
     if policy in ("off", "keep"):
+        for layer in layers:
+            if splittable(layer):
+                _wrap_add_norm(layer)
         return policy
     dev = next(model.parameters()).device
     # full, selective, offload on CPU (nothing to move): saved tensors stay where they are

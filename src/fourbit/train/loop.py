@@ -234,11 +234,14 @@ def _accumulate_and_step(run: Run, pos: int) -> dict:
             ls = guards.seam_poison(ls, pos)
             (ls / n_train).backward()
             loss_sum += ls.detach().float()
+        del ls, b                     # the graph's teardown now, while the GPU is still busy with it
         guards.seam_signal(pos, j)
     max_norm = run.cfg.train.max_grad_norm
     if run.flat is not None:
         run.flat.gather_grads()                                    # flat.grad = all layers' gradients
     gn = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(run.optimizer, "prefetch_states"):
+        run.optimizer.prefetch_states()                            # paged states: queued before the host read
     loss_sum, gnorm = torch.stack([loss_sum, gn.float().to(run.device)]).tolist()   # the step's one host read
     loss = loss_sum / n_train
     if not guards.is_finite(loss, gnorm):

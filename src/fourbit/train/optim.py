@@ -25,6 +25,20 @@ _HOOKS = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_s
 class _StreamOrderedStep:
     """Mixin over a bitsandbytes `Optimizer8bit` subclass (see the module docstring)."""
 
+    _prefetched = False
+
+    def prefetch_states(self) -> None:
+        """Queue the paged states' prefetch now (the training loop calls this once the backward is
+        queued, while the host is still ahead of the GPU); the next `step` then skips its own. The
+        prefetch is a driver call of ~0.5 ms host time at Llama-3-8B's adapters (round 7)."""
+        if not Switches.opt_async or not hasattr(self, "prefetch_state"):
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and len(self.state[p]) > 0:
+                    self.prefetch_state(p)
+        self._prefetched = True
+
     @torch.no_grad()
     def step(self, closure=None):
         if not Switches.opt_async or not all(hasattr(self, h) for h in _HOOKS):
@@ -44,8 +58,11 @@ class _StreamOrderedStep:
                     continue
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
+                    self.prefetch_state(p)
+                elif not self._prefetched:
+                    self.prefetch_state(p)
                 self.update_step(group, p, gindex, pindex)
+        self._prefetched = False
         return loss
 
     def state_dict(self):
