@@ -33,11 +33,17 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_fwd(x_ptr, a_ptr, w_ptr, h_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
+        # ADD: the row is h = x + a (rounded as torch's add, written to h_ptr), normed as below
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
         x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            a = tl.load(a_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x + a).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * H + cols, h, mask=mask)
+            x = h.to(tl.float32)
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         xhat = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -45,7 +51,8 @@ if triton is not None:
         tl.store(r_ptr + row, r)
 
     @triton.jit
-    def _rmsnorm_bwd(g_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, H, BLOCK: tl.constexpr):
+    def _rmsnorm_bwd(g_ptr, gh_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, H, BLOCK: tl.constexpr, ADD: tl.constexpr):
+        # ADD: dx = round(the norm's gradient) + gh, as autograd's add of the two bf16 gradients
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -56,7 +63,11 @@ if triton is not None:
         gw = g * w
         xr = x * r
         c = tl.sum(gw * xr, axis=0) / H
-        tl.store(dx_ptr + row * H + cols, (r * (gw - xr * c)).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = r * (gw - xr * c)
+        if ADD:
+            gh = tl.load(gh_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            dx = dx.to(dx_ptr.dtype.element_ty).to(tl.float32) + gh
+        tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -69,7 +80,8 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty_like(x2)
         r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_fwd[(x2.shape[0],)](x2, weight, y, r, H, eps, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4)
+        _rmsnorm_fwd[(x2.shape[0],)](x2, x2, weight, y, y, r, H, eps, BLOCK=BLOCK, ADD=False,
+                                     num_warps=8 if BLOCK >= 4096 else 4)
         ctx.save_for_backward(x2, weight, r)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -81,7 +93,8 @@ class RMSNormFunction(torch.autograd.Function):
         g2 = g.reshape(-1, H).contiguous()
         dx = torch.empty_like(x2)
         BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_bwd[(x2.shape[0],)](g2, x2, weight, r, dx, H, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4)
+        _rmsnorm_bwd[(x2.shape[0],)](g2, g2, x2, weight, r, dx, H, BLOCK=BLOCK, ADD=False,
+                                     num_warps=8 if BLOCK >= 4096 else 4)
         return dx.view(ctx.shape), None, None
 
 
@@ -102,43 +115,9 @@ def add_rmsnorm_reference(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor
     return h, rmsnorm_reference(h, weight, eps)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _add_rmsnorm_fwd(x_ptr, a_ptr, w_ptr, h_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < H
-        x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + a).to(h_ptr.dtype.element_ty)                 # rounded as torch's add
-        tl.store(h_ptr + row * H + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        xhat = (hf * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row * H + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(r_ptr + row, r)
-
-    @triton.jit
-    def _add_rmsnorm_bwd(g_ptr, gh_ptr, h_ptr, w_ptr, r_ptr, dx_ptr, H, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < H
-        g = tl.load(g_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(h_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + row)
-        gw = g * w
-        xr = x * r
-        c = tl.sum(gw * xr, axis=0) / H
-        dn = (r * (gw - xr * c)).to(dx_ptr.dtype.element_ty).to(tl.float32)   # the norm's rounded gradient
-        gh = tl.load(gh_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * H + cols, (dn + gh).to(dx_ptr.dtype.element_ty), mask=mask)
-
-
 class AddRMSNormFunction(torch.autograd.Function):
-    """(h, y) = (x + a, RMSNorm(h)) with a frozen weight: one Triton kernel each way; saves h and 1/rms."""
+    """(h, y) = (x + a, RMSNorm(h)) with a frozen weight: the RMSNorm kernels with ADD, one each way;
+    saves h and 1/rms."""
 
     @staticmethod
     def forward(ctx, x, a, weight, eps: float):
@@ -147,8 +126,8 @@ class AddRMSNormFunction(torch.autograd.Function):
         h, y = torch.empty_like(x2), torch.empty_like(x2)
         r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         BLOCK = triton.next_power_of_2(H)
-        _add_rmsnorm_fwd[(x2.shape[0],)](x2, a2, weight, h, y, r, H, eps, BLOCK=BLOCK,
-                                         num_warps=8 if BLOCK >= 4096 else 4)
+        _rmsnorm_fwd[(x2.shape[0],)](x2, a2, weight, h, y, r, H, eps, BLOCK=BLOCK, ADD=True,
+                                     num_warps=8 if BLOCK >= 4096 else 4)
         ctx.save_for_backward(h, weight, r)
         ctx.shape = x.shape
         return h.view(x.shape), y.view(x.shape)
@@ -161,8 +140,8 @@ class AddRMSNormFunction(torch.autograd.Function):
         gh2 = gh.reshape(-1, H).contiguous() if gh is not None else torch.zeros_like(h2)
         dx = torch.empty_like(h2)
         BLOCK = triton.next_power_of_2(H)
-        _add_rmsnorm_bwd[(h2.shape[0],)](gy2, gh2, h2, weight, r, dx, H, BLOCK=BLOCK,
-                                         num_warps=8 if BLOCK >= 4096 else 4)
+        _rmsnorm_bwd[(h2.shape[0],)](gy2, gh2, h2, weight, r, dx, H, BLOCK=BLOCK, ADD=True,
+                                     num_warps=8 if BLOCK >= 4096 else 4)
         dx = dx.view(ctx.shape)
         return dx, dx, None, None
 
