@@ -6,13 +6,13 @@ pytest.importorskip("bitsandbytes")
 
 from fourbit.config import LoraConfig  # noqa: E402
 from fourbit.lora import apply_lora, lora_parameters  # noqa: E402
-from fourbit.shapes import build_random_model, shape_config  # noqa: E402
-from fourbit.train.activations import apply_checkpointing, choose_policy, remove_checkpointing  # noqa: E402
+from fourbit.shapes import build_random_model  # noqa: E402
+from fourbit.train.activations import apply_checkpointing, remove_checkpointing  # noqa: E402
 from fourbit.train.loss import causal_lm_loss  # noqa: E402
 
 
 def _grads(model, ids, policy):
-    apply_checkpointing(model, policy, tokens=ids.numel())
+    apply_checkpointing(model, policy)
     for p in lora_parameters(model):
         p.grad = None
     ls, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
@@ -90,14 +90,13 @@ def test_remove_restores_the_layer_forward():
     assert "forward" not in model.model.layers[0].__dict__
 
 
-def test_choose_policy_by_budget():
-    cfg = shape_config("llama3-8b")
-    tokens, gib = 8192, 2 ** 30
-    resident = int(6 * gib)
-    assert choose_policy(cfg, tokens, 140 * gib, resident) == "off"
-    assert choose_policy(cfg, tokens, 12 * gib, resident) == "selective"
-    assert choose_policy(cfg, tokens, 8 * gib, resident) == "offload"
-    assert choose_policy(cfg, tokens, 8 * gib, resident, device="cpu") == "full"
+def test_auto_is_the_memory_plans_to_resolve():
+    """apply_checkpointing takes concrete policies only: `auto` is resolved by fourbit.plan (one memory model)."""
+    model = _model("cpu")
+    with pytest.raises(ValueError, match="memory plan"):
+        apply_checkpointing(model, "auto")
+    with pytest.raises(ValueError, match="one of"):
+        apply_checkpointing(model, "sometimes")
 
 
 def _loss_and_grads(model, ids, pos):

@@ -86,3 +86,23 @@ def test_bench_refuses_an_unknown_run_suffix(capsys):
     with pytest.raises(SystemExit):
         main(["--shape", "tiny", "--device", "cpu", "--runs", "off:norpe"])
     assert "unknown suffix(es) ['norpe']" in capsys.readouterr().err
+
+
+def test_bench_auto_row_takes_the_memory_plans_choice(tmp_path):
+    """`--runs auto` resolves the policy with fourbit.plan on the row's shape and settings within
+    --budget-gib (the one memory model `fourbit train` uses)."""
+    from fourbit.config import load_config
+    from fourbit.plan import CPU_ROOM, estimate
+    from fourbit.plan_model import model_spec
+    cfg = load_config(None, base={"model": "shape:tiny", "data": {"max_length": 64, "packing": False},
+                                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+                                  "train": {"micro_batch_size": 2, "device": "cpu"}})
+    spec = model_spec(cfg.model)
+    tot = {p: estimate(cfg, spec, "cpu", policy=p).total for p in ("off", "selective")}
+    assert tot["selective"] < tot["off"]
+    budget = (tot["off"] / CPU_ROOM["off"] + tot["selective"] / CPU_ROOM["selective"]) / 2 / 2 ** 30
+    out = tmp_path / "r.json"
+    for gib, want in ((64.0, "off"), (budget, "selective")):
+        assert main(["--shape", "tiny", "--device", "cpu", "--seq", "64", "--bsz", "2", "--steps", "1", "--warm", "0",
+                     "--runs", "auto", "--budget-gib", str(gib), "--json", str(out)]) == 0
+        assert json.loads(out.read_text())[0]["policy"] == want

@@ -97,12 +97,13 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
               lora_seed: int = 0, profile_path: Optional[str] = None, flat: bool = True,
               chunk: int = 0, switches: Optional[dict] = None,
               sync_each_step: bool = True, gc_off: bool = False, lowp_cache: bool = True,
-              sdpa: Optional[str] = None, host_tail: bool = False) -> dict:
+              sdpa: Optional[str] = None, host_tail: bool = False, shape: Optional[str] = None) -> dict:
     """Train fourbit's way for warm + steps optimizer steps; undo LoRA and checkpointing after.
 
     Args:
         model: a frozen base (e.g. `build_random_model`); ids: (rows >= bsz*ga*(warm+steps), seq).
-        policy: checkpointing policy off | selective | full | offload | auto.
+        policy: checkpointing policy keep | off | selective | full | offload | auto (auto: the memory
+            plan's choice for `shape` within `budget_gib`, or the device's memory).
         flat: all LoRA weights in one buffer (`lora.FlatLoRA`): one optimizer tensor, one clip norm.
         chunk: LM-head tokens per chunk (0: auto).
         switches: `fourbit.switches.Switches` names set to False for this run (each undoes one
@@ -126,7 +127,9 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
     switched.enter_context(Switches.set(**(switches or {})))     # back on in `finally`, whatever happens
     hook = None
     try:
-        chosen = apply_checkpointing(model, policy, budget_bytes=budget, tokens=bsz * seq)
+        if policy == "auto":                  # the memory plan's choice, as `fourbit train` makes it
+            policy = _plan_policy(shape, bsz, seq, r, alpha, dropout, dev, budget)
+        chosen = apply_checkpointing(model, policy)
         model.train()
         fl = FlatLoRA(model) if flat else None
         params = [fl.flat] if fl else lora_parameters(model)
@@ -212,6 +215,22 @@ def run_steps(model, ids: torch.Tensor, bsz: int, ga: int, steps: int, warm: int
                        / (peak_tflops * 1e12), 4)
     res.update(system="fourbit", policy=chosen)
     return res
+
+
+def _plan_policy(shape: Optional[str], bsz: int, seq: int, r: int, alpha: float, dropout: float,
+                 dev: torch.device, budget: Optional[int]) -> str:
+    """`checkpointing_policy: auto` for a bench row: `fourbit.plan` on the row's settings and shape,
+    against `budget` bytes (default: the device's memory, as `fourbit train`)."""
+    from .config import load_config
+    from .plan import plan
+    if shape is None:
+        raise ValueError("policy auto in the bench needs the shape's name (run_steps(shape=...))")
+    cfg = load_config(None, base={
+        "model": f"shape:{shape}", "data": {"max_length": seq, "packing": False},
+        "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(TARGETS)},
+        "train": {"micro_batch_size": bsz, "device": dev.type, "grad_checkpointing": True,
+                  "checkpointing_policy": "auto"}})
+    return plan(cfg, memory=f"{budget}B" if budget else None, device=dev.type).policy
 
 
 def _phase_ms(marks: list) -> dict:
@@ -443,7 +462,7 @@ def main(argv: list[str]) -> int:
             res = run_steps(model, ids, policy=policy, budget_gib=a.budget_gib, profile_path=prof,
                             flat=not a.no_flat and "noflat" not in opts, chunk=chunk,
                             switches={Switches.SUFFIXES[o]: False for o in opts if o in Switches.SUFFIXES},
-                            sync_each_step="nosync" not in opts, host_tail=a.host_tail,
+                            sync_each_step="nosync" not in opts, host_tail=a.host_tail, shape=a.shape,
                             gc_off="gcoff" in opts, lowp_cache="nolowp" not in opts,
                             sdpa=next((o[5:] for o in opts if o.startswith("sdpa=")), None), **common)
         res.update(shape=a.shape, seq=a.seq, bsz=a.bsz, ga=a.ga, run=run, wall_s=round(time.time() - t1, 1))

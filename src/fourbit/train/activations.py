@@ -17,7 +17,8 @@
 - offload: as selective, with x and h copied to pinned CPU memory on a side stream as soon as they
   exist and fetched back one tensor ahead in backward, so device memory no longer grows with the
   number of layers. On CPU there is nothing to move: offload is selective.
-- auto: the fastest policy whose predicted peak fits the memory budget (`choose_policy`).
+- auto: resolved before this module sees it, by the memory plan (`fourbit.plan`): the fastest
+  policy whose predicted peak fits (`train.loop.setup_training`, `fourbit bench`).
 
 Layers are wrapped per instance (each layer's `forward` is replaced on that object only), so the
 module tree, parameter names and adapter files are unchanged and no library class is patched.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -45,41 +46,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no decoder `layers` to checkpoint")
     return layers
-
-
-def layer_activation_bytes(cfg, tokens: int, bytes_per: int = 2) -> int:
-    """Rough bytes autograd keeps for one Llama-style decoder layer without checkpointing.
-
-    Saved per token: about 8 hidden-size tensors (norm inputs/outputs, q, attention output, o_proj
-    input, residuals) and 4 intermediate-size ones (gate, up, act(gate), act*up). A prediction for
-    choosing a policy, checked against the measured peaks in benchmarks/NOTES.md."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return tokens * bytes_per * (8 * h + 4 * i)
-
-
-def choose_policy(cfg, tokens: int, budget_bytes: int, resident_bytes: int, workspace_bytes: int = 0,
-                  device: str = "cuda") -> str:
-    """The fastest policy whose predicted peak fits `budget_bytes` (a rough rule for direct callers of
-    `apply_checkpointing(policy="auto")`; `fourbit train` resolves auto with `fourbit.plan`).
-
-    Order: off, selective (two hidden-size tensors per layer kept), then offload on CUDA (nothing per
-    layer kept on the device) or full on CPU (one per layer).
-
-    Args:
-        cfg: the model config (hidden_size, intermediate_size, num_hidden_layers).
-        tokens: tokens per micro-batch (B * T).
-        resident_bytes: weights + LoRA + optimizer state already allocated.
-        workspace_bytes: transient peak outside the layers (LM-head chunks, ...).
-    """
-    layers = cfg.num_hidden_layers
-    one = layer_activation_bytes(cfg, tokens)
-    inputs = tokens * cfg.hidden_size * 2
-    base = resident_bytes + workspace_bytes
-    if base + layers * one <= budget_bytes:
-        return "off"
-    if base + 2 * layers * inputs + one <= budget_bytes:
-        return "selective"
-    return "offload" if device == "cuda" else "full"
 
 
 class _Keep:
@@ -424,32 +390,22 @@ def unfuse_layers(model: nn.Module) -> None:
             del mod.__dict__["forward"]
 
 
-def apply_checkpointing(model: nn.Module, policy: str = "full", budget_bytes: Optional[int] = None,
-                        tokens: Optional[int] = None, fuse: bool = True) -> str:
+def apply_checkpointing(model: nn.Module, policy: str = "full", fuse: bool = True) -> str:
     """Wrap the decoder layers of `model` with a checkpointing policy. Returns the policy applied.
 
     Args:
-        policy: keep | off | selective | full | offload | auto (auto needs `tokens`; the budget defaults to the
-            device's total memory, and resident bytes are what is allocated now).
+        policy: keep | off | selective | full | offload (`auto` is the memory plan's to resolve:
+            `fourbit.plan.plan(cfg).policy`).
         fuse: also `fuse_layers` (fewer saved activations; same math within bf16 rounding).
     """
+    if policy == "auto":
+        raise ValueError("checkpointing policy 'auto' is resolved by the memory plan (fourbit.plan.plan(cfg).policy) "
+                         "before apply_checkpointing")
+    if policy not in POLICIES:
+        raise ValueError(f"checkpointing policy must be one of {POLICIES}, got {policy!r}")
     layers = decoder_layers(model)
     if fuse:
         fuse_layers(model)
-    if policy == "auto":
-        if tokens is None:
-            raise ValueError("policy 'auto' needs tokens (per micro-batch)")
-        dev = next(model.parameters()).device
-        if dev.type == "cuda":
-            budget = budget_bytes or torch.cuda.get_device_properties(dev).total_memory
-            resident = torch.cuda.memory_allocated(dev)
-        else:                                   # CPU: recompute, as before policies existed
-            return apply_checkpointing(model, "full", fuse=fuse)
-        cfg = model.config
-        work = tokens * cfg.hidden_size * 2 * 4 + 1024 * cfg.vocab_size * 6     # hidden/grad copies + CE chunk
-        policy = choose_policy(cfg, tokens, budget, resident, work, dev.type)
-    if policy not in POLICIES:
-        raise ValueError(f"checkpointing policy must be one of {POLICIES + ('auto',)}, got {policy!r}")
     remove_checkpointing(model)
     if policy == "keep":
         from ..lora import LoRALinear

@@ -116,10 +116,12 @@ def setup_training(model, cfg: Config, policy: str, device: torch.device) -> tup
     adapter buffer, the optimizer and its per-step cast cache. Returns (policy applied, flat, params,
     optimizer). `prepare_run` and `plan_calibrate.prepare` (the memory plan's measurements) share it."""
     from .activations import apply_checkpointing
+    if policy == "auto":                       # `fourbit train` passes the plan's choice; direct callers may not
+        from ..plan import plan
+        policy = plan(cfg, device=device.type).policy
     # fused norms / SwiGLU / grouped q,k,v and gate,up are the CUDA fast path (same math within bf16
     # rounding); the CPU keeps transformers' modules, which are faster there
-    chosen = apply_checkpointing(model, policy, tokens=cfg.train.micro_batch_size * cfg.data.max_length,
-                                 fuse=device.type == "cuda")
+    chosen = apply_checkpointing(model, policy, fuse=device.type == "cuda")
     model.train()
     # one buffer for all adapters: one optimizer tensor and one norm instead of 2 per layer (exact for
     # elementwise 32-bit AdamW; 8-bit states are blockwise, so they keep one tensor per weight)
