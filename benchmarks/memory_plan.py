@@ -64,6 +64,9 @@ GRIDS = {
     # policy `keep` (session 3): predictions written before the run
     "keep": [("llama3-8b", 4, 2048, "keep", 0.0), ("llama3-8b", 1, 2048, "keep", 0.05),
              ("smollm2-135m", 2, 2048, "keep", 0.0)],
+    # LM-head chunks sized for the CUDA kernel's 2V bytes a token (session 3, after the final call)
+    "chunk": [("llama3-8b", 4, 2048, "offload", 0.0), ("llama3-8b", 4, 2048, "keep", 0.0),
+              ("smollm2-135m", 2, 2048, "off", 0.0), ("smollm2-135m", 4, 2048, "selective", 0.0)],
     "smoke": _rows("tiny", (128,), ("off",)) + _rows("tiny", (128,), ("selective", "full"), micro=2),
 }
 
@@ -225,7 +228,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    device = a.device or ("cuda" if a.grid in ("gpu", "verify", "keep") else "cpu")
+    device = a.device or ("cuda" if a.grid in ("gpu", "verify", "keep", "chunk") else "cpu")
     if a.worker:
         worker(a.worker, json.loads(a.settings), device, a.out, a.steps_70b, a.steps_cpu)
         return

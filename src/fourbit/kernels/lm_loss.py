@@ -241,15 +241,18 @@ def lm_head_loss_rows(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Te
                                    grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
 
 
-def chunk_tokens(vocab: int, budget_bytes: int = 512 * 2 ** 20, lo: int = 128, hi: int = 8192) -> int:
+def chunk_tokens(vocab: int, kernel: bool = False, budget_bytes: int = 512 * 2 ** 20, lo: int = 128,
+                 hi: int = 8192) -> int:
     """Tokens per LM-head chunk so the chunk's buffers stay within `budget_bytes`.
 
-    Budgeted for the torch path (`_chunk_ce_reference`, CPU): a chunk of C tokens holds its bf16
-    logits (2V bytes a token) while they are upcast to fp32 (4V), then the fp32 softmax (4V, in
-    place) and its bf16 copy dz (2V): at most ~8V bytes a token. With the Triton kernel (CUDA) there
-    are no fp32 buffers: dz overwrites the logits, so a chunk needs only 2V bytes a token, about a
-    quarter of the budget.
-    512 MiB gives 512 tokens at a 128k vocabulary (Llama-3), 2,048 at 32k; a multiple of 128, in [lo, hi].
+    The torch path (`_chunk_ce_reference`, CPU): a chunk of C tokens holds its bf16 logits (2V bytes
+    a token) while they are upcast to fp32 (4V), then the fp32 softmax (4V, in place) and its bf16
+    copy dz (2V): at most ~8V bytes a token. The Triton kernel (`kernel=True`, CUDA) has no fp32
+    buffers: dz overwrites the logits, 2V bytes a token, so the same budget holds 4x the tokens
+    (larger chunks are faster: at Llama-3-8B 2,048 tokens ran ~2 ms a step faster than 512,
+    benchmarks/NOTES.md).
+    512 MiB gives 512 tokens at a 128k vocabulary (Llama-3) on the torch path, 2,048 with the kernel;
+    a multiple of 128, in [lo, hi].
     """
-    c = budget_bytes // (8 * max(1, vocab))
+    c = budget_bytes // ((2 if kernel else 8) * max(1, vocab))
     return int(min(hi, max(lo, (c // 128) * 128)))

@@ -24,7 +24,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch
     One host sync (the positions that carry a label, taken before the decoder runs, so the GPU is
     not left waiting mid-step); the hidden states are never gathered into a copy: the LM-head loss
     reads the trainable rows of the decoder output in place.
-    chunk: tokens per LM-head chunk; 0 = `kernels.lm_loss.chunk_tokens(V)` (512 MiB of chunk buffers).
+    chunk: tokens per LM-head chunk; 0 = `kernels.lm_loss.chunk_tokens` (512 MiB of chunk buffers).
     """
     labels = batch["labels"][:, 1:]                                   # (B, T-1): token t+1 is predicted at t
     T = batch["labels"].shape[1]
@@ -42,9 +42,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch
         logits = model.lm_head(h).float() if not getattr(model.config, "final_logit_softcapping", None) else \
             _softcapped(model, h)
         return F.cross_entropy(logits, labels[labels != IGNORE], reduction="sum"), n
-    from ..kernels.lm_loss import chunk_tokens, lm_head_loss_rows
+    from ..kernels.lm_loss import _use_kernel, chunk_tokens, lm_head_loss_rows
     flat = hidden.reshape(-1, hidden.shape[-1])                       # (B*T, H), a view
-    return lm_head_loss_rows(flat, head.weight, rows, targets, chunk or chunk_tokens(head.weight.shape[0])), n
+    chunk = chunk or chunk_tokens(head.weight.shape[0], kernel=_use_kernel(flat))
+    return lm_head_loss_rows(flat, head.weight, rows, targets, chunk), n
 
 
 def _softcapped(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
