@@ -174,3 +174,14 @@ def test_keep_policy_marks_and_unmarks_the_lora_layers():
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
     for a, b in zip(got[1], ref[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_policy_marks_whether_it_recomputes():
+    """train.loss reads `_fourbit_recompute` to size the LM-head chunks: wide under off/keep, small when a
+    policy recomputes to save memory (the plan makes the same choice); removal clears the mark."""
+    model = _model("cpu")
+    for policy, recompute in (("keep", False), ("off", False), ("selective", True), ("full", True), ("offload", True)):
+        apply_checkpointing(model, policy)
+        assert model.__dict__["_fourbit_recompute"] is recompute, policy
+    remove_checkpointing(model)
+    assert "_fourbit_recompute" not in model.__dict__

@@ -317,3 +317,22 @@ def test_plan_for_a_gpu_needs_no_gpu_here(tmp_path):
     cfg = load_config(None, ["--model=shape:llama3-8b", "--train.device=cuda", "--data.max_length=2048"])
     rep = plan(cfg, memory="80GiB")
     assert rep.device == "cuda" and rep.budget == 80 * 2 ** 30 and rep.fits
+
+
+def test_loss_chunk_follows_the_policy_on_cuda():
+    """On CUDA the CE kernel holds 2V bytes a token: off/keep plan 4x wider LM-head chunks than the
+    recomputing policies (as train.loss picks them); on CPU every policy plans the torch path's chunk."""
+    from fourbit.kernels.lm_loss import chunk_tokens
+    from fourbit.plan_model import model_spec
+    cfg = load_config(None, base={"model": "shape:smollm2-135m", "data": {"max_length": 2048, "packing": False},
+                                  "train": {"micro_batch_size": 1, "device": "cpu"}})
+    spec = model_spec(cfg.model)
+    n_loss = 2047
+    wide_c, small_c = min(chunk_tokens(spec.vocab, kernel=True), n_loss), chunk_tokens(spec.vocab)
+    assert wide_c > small_c
+
+    def loss_item(device, policy):
+        return {i.key: i for i in estimate(cfg, spec, device, policy=policy).items}["loss"]
+    for device, policy, c in (("cuda", "off", wide_c), ("cuda", "keep", wide_c), ("cuda", "selective", small_c),
+                              ("cuda", "offload", small_c), ("cpu", "off", small_c)):
+        assert f"chunks of {c} tokens" in loss_item(device, policy).label, (device, policy)

@@ -324,7 +324,8 @@ def estimate(cfg: Config, spec: ModelSpec, device: str = "cuda", micro_batch: Op
         bwd_what = f"recomputed {branch} branch + its gradients + one dequantized weight"
     n_loss = mb * (T - 1)
     from .kernels.lm_loss import chunk_tokens
-    chunk = min(chunk_tokens(spec.vocab, kernel=device == "cuda"), n_loss)   # as train/loss.py picks it
+    wide = device == "cuda" and mode in ("off", "keep")           # as train/loss.py picks it: the kernel's
+    chunk = min(chunk_tokens(spec.vocab, kernel=wide), n_loss)     # 2V a token, small chunks when recomputing
     # a chunk's logits: CUDA's kernel overwrites the bf16 logits with dz (2V a token); the CPU path adds
     # an fp32 copy and a bf16 dz (8V); a chunk's buffers are freed before the next chunk's exist
     per_tok = (2 if device == "cuda" else 8) * spec.vocab

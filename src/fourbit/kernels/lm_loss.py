@@ -249,8 +249,9 @@ def chunk_tokens(vocab: int, kernel: bool = False, budget_bytes: int = 512 * 2 *
     a token) while they are upcast to fp32 (4V), then the fp32 softmax (4V, in place) and its bf16
     copy dz (2V): at most ~8V bytes a token. The Triton kernel (`kernel=True`, CUDA) has no fp32
     buffers: dz overwrites the logits, 2V bytes a token, so the same budget holds 4x the tokens
-    (larger chunks are faster: at Llama-3-8B 2,048 tokens ran ~2 ms a step faster than 512,
-    benchmarks/NOTES.md).
+    (larger chunks are faster: at Llama-3-8B 2,048 tokens ran ~3 ms a step faster than 512,
+    benchmarks/NOTES.md). `train.loss` asks for that only under off / keep: the recomputing
+    policies keep 512-token chunks, whose allocator behaviour the memory plan was verified on.
     512 MiB gives 512 tokens at a 128k vocabulary (Llama-3) on the torch path, 2,048 with the kernel;
     a multiple of 128, in [lo, hi].
     """

@@ -407,6 +407,8 @@ def apply_checkpointing(model: nn.Module, policy: str = "full", fuse: bool = Tru
     if fuse:
         fuse_layers(model)
     remove_checkpointing(model)
+    # read by train.loss: the recomputing policies keep the LM-head chunks small (their point is memory)
+    model.__dict__["_fourbit_recompute"] = policy not in ("off", "keep")
     if policy == "keep":
         from ..lora import LoRALinear
         for m in model.modules():
@@ -427,6 +429,7 @@ def apply_checkpointing(model: nn.Module, policy: str = "full", fuse: bool = Tru
 
 def remove_checkpointing(model: nn.Module) -> None:
     """Undo `apply_checkpointing` (layers run their own forward again)."""
+    model.__dict__.pop("_fourbit_recompute", None)
     for m in model.modules():
         m.__dict__.pop("_fourbit_keep_w", None)
     for layer in decoder_layers(model):

@@ -24,7 +24,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch
     One host sync (the positions that carry a label, taken before the decoder runs, so the GPU is
     not left waiting mid-step); the hidden states are never gathered into a copy: the LM-head loss
     reads the trainable rows of the decoder output in place.
-    chunk: tokens per LM-head chunk; 0 = `kernels.lm_loss.chunk_tokens` (512 MiB of chunk buffers).
+    chunk: tokens per LM-head chunk; 0 = `kernels.lm_loss.chunk_tokens` (512 MiB of chunk buffers;
+        sized for the CUDA kernel's 2V bytes a token under off / keep, for 8V otherwise).
     """
     labels = batch["labels"][:, 1:]                                   # (B, T-1): token t+1 is predicted at t
     T = batch["labels"].shape[1]
@@ -44,7 +45,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 0) -> tuple[torch
         return F.cross_entropy(logits, labels[labels != IGNORE], reduction="sum"), n
     from ..kernels.lm_loss import _use_kernel, chunk_tokens, lm_head_loss_rows
     flat = hidden.reshape(-1, hidden.shape[-1])                       # (B*T, H), a view
-    chunk = chunk or chunk_tokens(head.weight.shape[0], kernel=_use_kernel(flat))
+    # the CUDA kernel holds 2V bytes a token: 4x the tokens in the same budget, unless the
+    # checkpointing policy recomputes to save memory (`train.activations.apply_checkpointing` marks it)
+    wide = _use_kernel(flat) and not model.__dict__.get("_fourbit_recompute", False)
+    chunk = chunk or chunk_tokens(head.weight.shape[0], kernel=wide)
     return lm_head_loss_rows(flat, head.weight, rows, targets, chunk), n
 
 
