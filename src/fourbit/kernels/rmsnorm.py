@@ -70,18 +70,35 @@ if triton is not None:
         tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _launch_fwd(x2: torch.Tensor, a2, weight: torch.Tensor, eps: float):
+    """`_rmsnorm_fwd` over the rows of x2 (+ a2 when given: ADD). Returns (h or None, y, 1/rms)."""
+    H = x2.shape[-1]
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if a2 is not None else None
+    r = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    BLOCK = triton.next_power_of_2(H)
+    _rmsnorm_fwd[(x2.shape[0],)](x2, x2 if a2 is None else a2, weight, y if h is None else h, y, r, H, eps,
+                                 BLOCK=BLOCK, ADD=a2 is not None, num_warps=8 if BLOCK >= 4096 else 4)
+    return h, y, r
+
+
+def _launch_bwd(g2: torch.Tensor, gh2, x2: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """`_rmsnorm_bwd` over the rows (+ gh2, the residual's gradient, when given: ADD). Returns dx."""
+    H = x2.shape[-1]
+    dx = torch.empty_like(x2)
+    BLOCK = triton.next_power_of_2(H)
+    _rmsnorm_bwd[(x2.shape[0],)](g2, g2 if gh2 is None else gh2, x2, weight, r, dx, H, BLOCK=BLOCK,
+                                 ADD=gh2 is not None, num_warps=8 if BLOCK >= 4096 else 4)
+    return dx
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Frozen-weight RMSNorm through the two Triton kernels (CUDA, or the interpreter in tests)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        H = x.shape[-1]
-        x2 = x.reshape(-1, H).contiguous()
-        y = torch.empty_like(x2)
-        r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_fwd[(x2.shape[0],)](x2, x2, weight, y, y, r, H, eps, BLOCK=BLOCK, ADD=False,
-                                     num_warps=8 if BLOCK >= 4096 else 4)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        _, y, r = _launch_fwd(x2, None, weight, eps)
         ctx.save_for_backward(x2, weight, r)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -89,12 +106,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, weight, r = ctx.saved_tensors
-        H = x2.shape[-1]
-        g2 = g.reshape(-1, H).contiguous()
-        dx = torch.empty_like(x2)
-        BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_bwd[(x2.shape[0],)](g2, g2, x2, weight, r, dx, H, BLOCK=BLOCK, ADD=False,
-                                     num_warps=8 if BLOCK >= 4096 else 4)
+        dx = _launch_bwd(g.reshape(-1, x2.shape[-1]).contiguous(), None, x2, weight, r)
         return dx.view(ctx.shape), None, None
 
 
@@ -122,12 +134,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, weight, eps: float):
         H = x.shape[-1]
-        x2, a2 = x.reshape(-1, H).contiguous(), a.reshape(-1, H).contiguous()
-        h, y = torch.empty_like(x2), torch.empty_like(x2)
-        r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_fwd[(x2.shape[0],)](x2, a2, weight, h, y, r, H, eps, BLOCK=BLOCK, ADD=True,
-                                     num_warps=8 if BLOCK >= 4096 else 4)
+        h, y, r = _launch_fwd(x.reshape(-1, H).contiguous(), a.reshape(-1, H).contiguous(), weight, eps)
         ctx.save_for_backward(h, weight, r)
         ctx.shape = x.shape
         return h.view(x.shape), y.view(x.shape)
@@ -138,11 +145,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         H = h2.shape[-1]
         gy2 = gy.reshape(-1, H).contiguous() if gy is not None else torch.zeros_like(h2)
         gh2 = gh.reshape(-1, H).contiguous() if gh is not None else torch.zeros_like(h2)
-        dx = torch.empty_like(h2)
-        BLOCK = triton.next_power_of_2(H)
-        _rmsnorm_bwd[(h2.shape[0],)](gy2, gh2, h2, weight, r, dx, H, BLOCK=BLOCK, ADD=True,
-                                     num_warps=8 if BLOCK >= 4096 else 4)
-        dx = dx.view(ctx.shape)
+        dx = _launch_bwd(gy2, gh2, h2, weight, r).view(ctx.shape)
         return dx, dx, None, None
 
 
