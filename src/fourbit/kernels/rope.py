@@ -52,6 +52,41 @@ def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
+    def _cos_sin(cos_ptr, sin_ptr, b, t, d, dm, HALF, cs_b, cs_t, cs_d, ss_b, ss_t, ss_d):
+        # one token's cos and sin, first and second half, fp32
+        c1 = tl.load(cos_ptr + b * cs_b + t * cs_t + d * cs_d, mask=dm, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + b * cs_b + t * cs_t + (d + HALF) * cs_d, mask=dm, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + b * ss_b + t * ss_t + d * ss_d, mask=dm, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + b * ss_b + t * ss_t + (d + HALF) * ss_d, mask=dm, other=0.0).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def _rotate_heads(src, dst, hh, d, m, D, HALF, c1, c2, s1, s2):
+        # a block of heads (rows hh) of one token: [x1 | x2] -> [x1 c1 - x2 s1 | x2 c2 + x1 s2]
+        x1 = tl.load(src + hh * D + d, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + hh * D + HALF + d, mask=m, other=0.0).to(tl.float32)
+        out = dst + hh * D + d
+        tl.store(out, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty), mask=m)
+        tl.store(out + HALF, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _unrotate_heads(g_ptr, g_b, g_t, g_h, g_d, dst, b, t, hh, d, m, D, HALF, c1, c2, s1, s2,
+                        HAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        # the gradient through `_rotate_heads` (the transposed rotation) for a block of heads; zeros
+        # when that output had no gradient
+        if HAS:
+            g = g_ptr + b * g_b + t * g_t + hh * g_h
+            y1 = tl.load(g + d * g_d, mask=m, other=0.0).to(tl.float32)
+            y2 = tl.load(g + (d + HALF) * g_d, mask=m, other=0.0).to(tl.float32)
+            x1 = y1 * c1 + y2 * s2
+            x2 = y2 * c2 - y1 * s1
+        else:
+            x1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            x2 = x1
+        tl.store(dst + hh * D + d, x1.to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + hh * D + HALF + d, x2.to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_fwd(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H, HKV, D, HALF,
                   cs_b, cs_t, cs_d, ss_b, ss_t, ss_d,
                   BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -61,27 +96,14 @@ if triton is not None:
         t = row - b * T
         d = tl.arange(0, BLOCK_D)[None, :]                                   # (1, BLOCK_D) within a half
         dm = d < HALF
-        c1 = tl.load(cos_ptr + b * cs_b + t * cs_t + d * cs_d, mask=dm, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + b * cs_b + t * cs_t + (d + HALF) * cs_d, mask=dm, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + b * ss_b + t * ss_t + d * ss_d, mask=dm, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + b * ss_b + t * ss_t + (d + HALF) * ss_d, mask=dm, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b, t, d, dm, HALF, cs_b, cs_t, cs_d, ss_b, ss_t, ss_d)
         src = qkv_ptr + row * ((H + 2 * HKV) * D)
 
         hq = tl.arange(0, BLOCK_H)[:, None]                                  # (BLOCK_H, 1)
-        m = (hq < H) & dm
-        x1 = tl.load(src + hq * D + d, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + hq * D + HALF + d, mask=m, other=0.0).to(tl.float32)
-        dst = q_ptr + row * (H * D) + hq * D + d
-        tl.store(dst, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty), mask=m)
-
+        _rotate_heads(src, q_ptr + row * (H * D), hq, d, (hq < H) & dm, D, HALF, c1, c2, s1, s2)
         hk = tl.arange(0, BLOCK_KV)[:, None]                                 # (BLOCK_KV, 1)
         m = (hk < HKV) & dm
-        x1 = tl.load(src + H * D + hk * D + d, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + H * D + hk * D + HALF + d, mask=m, other=0.0).to(tl.float32)
-        dst = k_ptr + row * (HKV * D) + hk * D + d
-        tl.store(dst, (x1 * c1 - x2 * s1).to(k_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(k_ptr.dtype.element_ty), mask=m)
+        _rotate_heads(src + H * D, k_ptr + row * (HKV * D), hk, d, m, D, HALF, c1, c2, s1, s2)
 
         vsrc = src + (H + HKV) * D + hk * D + d
         dst = v_ptr + row * (HKV * D) + hk * D + d
@@ -100,40 +122,17 @@ if triton is not None:
         t = row - b * T
         d = tl.arange(0, BLOCK_D)[None, :]                                   # (1, BLOCK_D)
         dm = d < HALF
-        c1 = tl.load(cos_ptr + b * cs_b + t * cs_t + d * cs_d, mask=dm, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + b * cs_b + t * cs_t + (d + HALF) * cs_d, mask=dm, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + b * ss_b + t * ss_t + d * ss_d, mask=dm, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + b * ss_b + t * ss_t + (d + HALF) * ss_d, mask=dm, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b, t, d, dm, HALF, cs_b, cs_t, cs_d, ss_b, ss_t, ss_d)
         dst = dqkv_ptr + row * ((H + 2 * HKV) * D)
         out_ty = dqkv_ptr.dtype.element_ty
 
         hq = tl.arange(0, BLOCK_H)[:, None]                                  # (BLOCK_H, 1)
-        m = (hq < H) & dm
-        if HAS_DQ:
-            g = dq_ptr + b * dq_b + t * dq_t + hq * dq_h
-            y1 = tl.load(g + d * dq_d, mask=m, other=0.0).to(tl.float32)
-            y2 = tl.load(g + (d + HALF) * dq_d, mask=m, other=0.0).to(tl.float32)
-            x1 = y1 * c1 + y2 * s2
-            x2 = y2 * c2 - y1 * s1
-        else:
-            x1 = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-            x2 = x1
-        tl.store(dst + hq * D + d, x1.to(out_ty), mask=m)
-        tl.store(dst + hq * D + HALF + d, x2.to(out_ty), mask=m)
-
+        _unrotate_heads(dq_ptr, dq_b, dq_t, dq_h, dq_d, dst, b, t, hq, d, (hq < H) & dm, D, HALF,
+                        c1, c2, s1, s2, HAS_DQ, BLOCK_H, BLOCK_D)
         hk = tl.arange(0, BLOCK_KV)[:, None]                                 # (BLOCK_KV, 1)
         m = (hk < HKV) & dm
-        if HAS_DK:
-            g = dk_ptr + b * dk_b + t * dk_t + hk * dk_h
-            y1 = tl.load(g + d * dk_d, mask=m, other=0.0).to(tl.float32)
-            y2 = tl.load(g + (d + HALF) * dk_d, mask=m, other=0.0).to(tl.float32)
-            x1 = y1 * c1 + y2 * s2
-            x2 = y2 * c2 - y1 * s1
-        else:
-            x1 = tl.zeros((BLOCK_KV, BLOCK_D), dtype=tl.float32)
-            x2 = x1
-        tl.store(dst + H * D + hk * D + d, x1.to(out_ty), mask=m)
-        tl.store(dst + H * D + hk * D + HALF + d, x2.to(out_ty), mask=m)
+        _unrotate_heads(dk_ptr, dk_b, dk_t, dk_h, dk_d, dst + H * D, b, t, hk, d, m, D, HALF,
+                        c1, c2, s1, s2, HAS_DK, BLOCK_KV, BLOCK_D)
 
         if HAS_DV:
             g = dv_ptr + b * dv_b + t * dv_t + hk * dv_h
