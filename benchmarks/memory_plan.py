@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    device = a.device or ("cuda" if a.grid in ("gpu", "verify", "keep", "chunk") else "cpu")
+    device = a.device or ("cpu" if a.grid in ("cpu", "smoke") else "cuda")
     if a.worker:
         worker(a.worker, json.loads(a.settings), device, a.out, a.steps_70b, a.steps_cpu)
         return

@@ -194,8 +194,12 @@ class LoRALinear(nn.Module):
         dev = base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
-        self.lora_dropout = FastDropout(dropout) if dropout > 0 else nn.Identity()
+        self.set_dropout(dropout)
         self.merged = False
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout on the adapter's input: `FastDropout(p)`, or none at p = 0."""
+        self.lora_dropout = FastDropout(p) if p > 0 else nn.Identity()
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         # A ~ kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT do; B = 0 so the untrained model equals the base.

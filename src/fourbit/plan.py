@@ -118,8 +118,6 @@ class PlanReport:
 
 # ------------------------------------------------------------------ activations
 
-FUSED_ROPE = True      # CUDA: the fused RoPE kernel writes q, k, v as tensors of their own, so attention
-                       # does not keep the grouped q/k/v GEMM's output alive (False: v is a view of it)
 ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
 
@@ -154,9 +152,6 @@ def layer_parts(spec: ModelSpec, d: int, targets: set[str], r: int, dropout: boo
     attn = 0 if first else norm
     attn += lora_in(("q_proj", "k_proj", "v_proj"), H, needs_mask=not first)   # layer 0: input needs no grad
     attn += d * (2 * Q + 2 * kv) + 4 * spec.heads        # SDPA: q, k, v, output, fp32 logsumexp
-    grouped = fused and not dropout and all(x in lora for x in ("q_proj", "k_proj", "v_proj"))
-    if grouped and not FUSED_ROPE and not masked:
-        attn += d * (Q + K)                              # v a view of the (Q + 2K) group output
     if masked:
         attn += d * seq                                  # the float mask SDPA builds per layer
     if "o_proj" in lora and dropout:
@@ -407,12 +402,13 @@ def policy_order(device: str) -> tuple[str, ...]:
     return ("keep", "off", "selective", "offload") if device == "cuda" else ("off", "selective", "full")
 
 
-def _thriftier(policy: str, device: str) -> list[str]:
+def _thriftier(policy: str, device: str, spec: ModelSpec) -> list[str]:
     """The policies that keep less than `policy` on `device`, next one first."""
     order = policy_order(device)
-    if policy in order:
-        return list(order[order.index(policy) + 1:])
-    return ["offload"] if device == "cuda" else ["full"]          # full on CUDA, offload on CPU
+    for p in (policy, effective_policy(policy, device, spec)):      # keep on CPU runs as off, ...
+        if p in order:
+            return list(order[order.index(p) + 1:])
+    return ["offload"] if device == "cuda" else ["full"]          # full on CUDA
 
 
 def _policy_flags(policy: str) -> str:
@@ -431,12 +427,12 @@ def advise(cfg: Config, spec: ModelSpec, rep: PlanReport) -> list[str]:
         args = {"micro_batch": mb0, "seq": T0, "policy": rep.policy, **kw}
         return estimate(c, spec, rep.device, masked=rep.masked if args["micro_batch"] > 1 or cfg.data.packing
                         else None, **args).total <= B
-    fixed = rep.total - rep.part("act", "loss", "backward", "step", "runtime")
+    fixed = rep.total - rep.part("act", "loss", "backward", "step", "runtime", "heap")
     if fixed > B:
         return [f"the model alone ({fixed / GiB:.1f} GiB without activations) is over the budget: use a "
                 "larger GPU, fewer LoRA targets (lora.targets) or a smaller model"]
     out = []
-    for pol in [rep.policy] + _thriftier(rep.policy, rep.device):
+    for pol in [rep.policy] + _thriftier(rep.policy, rep.device, spec):
         flag = "" if pol == rep.policy else _policy_flags(pol)
         mb = _largest(lambda m: fits(micro_batch=m, policy=pol), 1, mb0)
         if mb is not None:
@@ -510,7 +506,7 @@ def plan(cfg: Config, memory: Optional[str] = None, device: Optional[str] = None
     by_policy = {p: estimate(cfg, spec, device, policy=p).total for p in order}
     policy, auto = None, cfg.train.grad_checkpointing and cfg.train.checkpointing_policy == "auto"
     if auto and budget is not None:
-        room = {p: CPU_ROOM.get(p, 1.0) for p in order} if device != "cuda" else {}
+        room = CPU_ROOM if device != "cuda" else {}
         policy = next((p for p in order if by_policy[p] <= budget * room.get(p, 1.0)),
                       min(order, key=by_policy.get))                   # none fits: the smallest (advice follows)
     rep = estimate(cfg, spec, device, policy=policy)

@@ -30,7 +30,7 @@ def prepare(model, cfg, policy: str):
     `FlatLoRA` unless the optimizer is paged_adamw_8bit, the optimizer and its per-step cast cache.
     The data fields of the Run are filled per step by `one_step`.
     """
-    from .lora import FastDropout, LoRALinear, apply_lora
+    from .lora import LoRALinear, apply_lora
     from .train.loop import Plan, Run, setup_training
     from .data import collate
     device = next(p for p in model.parameters()).device
@@ -38,14 +38,13 @@ def prepare(model, cfg, policy: str):
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
     for m in model.modules():                  # a reused model takes this config's dropout (as apply_lora would)
         if isinstance(m, LoRALinear) and getattr(m.lora_dropout, "p", 0.0) != cfg.lora.dropout:
-            m.lora_dropout = FastDropout(cfg.lora.dropout) if cfg.lora.dropout > 0 else torch.nn.Identity()
+            m.set_dropout(cfg.lora.dropout)
     policy = policy if cfg.train.grad_checkpointing else "off"
     _, flat, params, opt = setup_training(model, cfg, policy, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = type("Tok", (), {"pad_token_id": 0})()
     return Run(cfg, model, tok, device, [], [], [], opt, sched, Plan([], [], 1), params, collate,
-               micro=cfg.train.micro_batch_size,
-               paged_off_cuda=cfg.train.optimizer == "paged_adamw_8bit" and device.type != "cuda", flat=flat)
+               micro=cfg.train.micro_batch_size, flat=flat)
 
 
 def zero_step(run) -> None:

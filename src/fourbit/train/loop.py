@@ -82,8 +82,12 @@ class Run:
     report: object = None
     log: list = field(default_factory=list)
     micro: int = 0              # rows per forward pass now (train.auto_micro_batch may lower it after an OOM)
-    paged_off_cuda: bool = False
     flat: object = None         # lora.FlatLoRA: every adapter weight a view of one buffer, one optimizer tensor
+
+    @property
+    def paged_off_cuda(self) -> bool:
+        """bitsandbytes' paged 8-bit optimizer on a CPU (it warns; the loop printed a note already)."""
+        return self.cfg.train.optimizer == "paged_adamw_8bit" and self.device.type != "cuda"
 
 
 def _build_optimizer(cfg: Config, params: list, device: torch.device) -> torch.optim.Optimizer:
@@ -174,8 +178,7 @@ def prepare_run(cfg: Config, policy: Optional[str] = None) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warm, cfg.train.schedule, cfg.train.min_lr_ratio))
     return Run(cfg, model, tok, device, rows, examples, eval_examples, opt, sched, plan, params, collate, report,
-               micro=cfg.train.micro_batch_size,
-               paged_off_cuda=cfg.train.optimizer == "paged_adamw_8bit" and device.type != "cuda", flat=flat)
+               micro=cfg.train.micro_batch_size, flat=flat)
 
 
 def micro_batch(run: Run, row_ids: list[int], to_device: bool = True) -> dict:
