@@ -112,19 +112,11 @@ def cache_optimizer_steps(opt: torch.optim.Optimizer, model: nn.Module) -> _Cach
     return _CacheHandle(opt.register_step_post_hook(clock.tick), model)
 
 
-def weights_changed(model: nn.Module) -> None:
-    """Invalidate `model`'s cached low-precision LoRA weights (after writing them outside an optimizer)."""
-    for m in model.modules():
-        clock = m.__dict__.get("_lowp_clock")
-        if clock is not None:
-            clock.tick()
-
-
 def _lowp_key(clock: "_Clock", ts, dtype) -> tuple:
     return (clock.gen, dtype, *((t.data_ptr(), t._version) for t in ts))
 
 
-class _FrozenBackwardOnly(torch.autograd.Function):
+class _FrozenBackwardOnly(_Frozen4bitMatmul):
     """The frozen base matmul without its forward: returns an uninitialised (..., out) tensor and, in
     backward, dx = gy @ W. For recomputes whose output value is never read (see `LoRALinear`)."""
 
@@ -132,13 +124,6 @@ class _FrozenBackwardOnly(torch.autograd.Function):
     def forward(ctx, x, base: nn.Module):
         ctx.base = base
         return x.new_empty((*x.shape[:-1], base.out_features))
-
-    @staticmethod
-    def backward(ctx, gy):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        w = dequantize(ctx.base).to(gy.dtype)          # (out, in)
-        return gy @ w, None
 
 
 class FastDropout(nn.Module):
@@ -323,9 +308,8 @@ class LoRAGroup:
             key = _lowp_key(clock, [t for m in ms for t in (m.lora_A.weight, m.lora_B.weight)], dtype)
             if self._lowp is not None and self._lowp[0] == key:
                 return self._lowp[1]
-        parts = [m.lowp(dtype) for m in ms]
-        bs = [b for _, b in parts]
-        val = (torch.cat([a for a, _ in parts]), bs, torch.block_diag(*bs))   # as `lora_fn.group_lowp`
+        from .kernels.lora_fn import group_lowp
+        val = group_lowp([m.lora_A.weight for m in ms], [m.lora_B.weight for m in ms], ms[0].scaling, dtype)
         if clock is not None:
             self._lowp = (key, val)
         return val
@@ -590,5 +574,4 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
             with torch.no_grad():
                 w.copy_(sd[key].to(w.dtype))
         _set_module(model, name, layer)
-    weights_changed(model)
     return acfg

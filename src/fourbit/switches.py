@@ -19,11 +19,11 @@ class Switches:
     wgrad_f32 = True      # LoRA weight gradients written in fp32 by their GEMM, no cast kernel (`kernels.lora_fn`) :nowgradf32
     add_norm = True       # off/keep: mid-layer residual add + RMSNorm as one kernel (`kernels.rmsnorm`)    :noaddnorm
 
-    NAMES = ("group", "split", "rope", "ce_kernel", "lora_first", "opt_async", "wgrad_f32", "add_norm")
     # bench run suffix -> the switch it turns off
     SUFFIXES = {"nogroup": "group", "nosplit": "split", "norope": "rope", "noce": "ce_kernel",
                 "noloraorder": "lora_first", "nooptasync": "opt_async",
                 "nowgradf32": "wgrad_f32", "noaddnorm": "add_norm"}
+    NAMES = tuple(SUFFIXES.values())
 
     @classmethod
     @contextmanager

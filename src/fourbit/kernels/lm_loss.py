@@ -160,16 +160,13 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                   if need_weight_grad else None)                                     # (V, H) fp32 accumulator
         need_grad = grad_h is not None or grad_w is not None
-        use_kernel = _use_kernel(hidden)
+        ce = _chunk_ce_triton if _use_kernel(hidden) else _chunk_ce_reference
         for s in range(0, rows.numel(), chunk_size):
             r, y = rows[s:s + chunk_size], targets[s:s + chunk_size]                 # (C,), (C,)
             h = hidden.index_select(0, r).to(weight.dtype)                           # (C, H)
             zl = h @ weight.T                                                        # (C, V) weight dtype
-            ce = _chunk_ce_triton if use_kernel else _chunk_ce_reference
             row_loss, dz = ce(zl, y, need_grad)                                      # dz: zl's buffer (kernel)
             loss += row_loss.sum()
-            if not need_grad:
-                continue
             if grad_h is not None:
                 grad_h.index_copy_(0, r, (dz @ weight).to(hidden.dtype))             # (C, H)
             if grad_w is not None:

@@ -63,6 +63,7 @@ class LoRANF4Function(torch.autograd.Function):
         xd2 = x2 if xd is None else xd.reshape(-1, shape[-1])              # (N, in)
         a, b = lowp if lowp is not None else (A.to(x.dtype), (B * scaling).to(x.dtype))   # (r, in), (out, r)
         h = xd2 @ a.t()                                                     # (N, r)
+        ctx.w = None
         if compute_y:
             w = dequantize_nf4_fast(packed, state)                          # (out, in)
             if w.dtype != x.dtype:
@@ -72,8 +73,6 @@ class LoRANF4Function(torch.autograd.Function):
             del w
         else:                          # a recompute whose output is never read: backward only (see docstring)
             y = x2.new_empty((x2.shape[0], B.shape[0]))
-        if not compute_y:
-            ctx.w = None
         ctx.save_for_backward(xd2, h, A, B)
         ctx.lowp = (a, b)
         ctx.packed, ctx.state, ctx.scaling = packed, state, scaling
@@ -129,7 +128,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out = torch.mm(a, b, out_dtype=torch.float32)
             _MM_OUT_DTYPE = True
             return out
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, NotImplementedError):     # this torch has no out_dtype (not an OOM: that propagates)
             _MM_OUT_DTYPE = False
     return (a @ b).float()
 
@@ -230,7 +229,7 @@ class LoRANF4GroupFunction(torch.autograd.Function):
                 out, r = b.shape
                 g_i = gy2[:, o:o + out]                                     # (N, out_i) strided view
                 gh[:, c:c + r] = g_i @ b                                    # (N, r_i)
-                dBs.append((g_i.t() @ h[:, c:c + r]).float().mul_(s) if nb else None)
+                dBs.append(_mm_f32(g_i.t(), h[:, c:c + r]).mul_(s) if nb else None)
                 o, c = o + out, c + r
         dx = None
         w, ctx.w = ctx.w, None

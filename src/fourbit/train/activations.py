@@ -256,6 +256,8 @@ def _wrap(layer: nn.Module, policy: str, idx: int, store) -> None:
 
 def _layer_kwargs(sig: inspect.Signature, hidden_states, args: tuple, kwargs: dict) -> dict:
     """A decoder layer's call arguments but hidden_states, as keywords (its **kwargs flattened)."""
+    if not args:                              # transformers' call: layer(hidden_states, **kw); no binding needed
+        return dict(kwargs)
     bound = sig.bind(hidden_states, *args, **kwargs).arguments
     rest = {k: v for k, v in bound.items() if k != "hidden_states"}
     for k, p in sig.parameters.items():

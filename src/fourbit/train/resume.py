@@ -120,8 +120,6 @@ def restore(run, ck, changed: bool) -> int:
                     raise FourbitError(f"The checkpoint `{ck.path}` has LoRA rank {t.shape} where this run has "
                                        f"{tuple(w.shape)} ({name}.{part}); it cannot be resumed, even with --force.")
                 w.copy_(t.to(w.device, w.dtype))
-    from ..lora import weights_changed
-    weights_changed(run.model)                          # cached low-precision copies are stale
     with guards.quiet_paged_optimizer(run.paged_off_cuda):
         run.optimizer.load_state_dict(ck.optimizer_state)
     run.scheduler.load_state_dict(ck.scheduler_state)   # after the optimizer: it owns the lr written there
