@@ -106,3 +106,15 @@ def test_bench_auto_row_takes_the_memory_plans_choice(tmp_path):
         assert main(["--shape", "tiny", "--device", "cpu", "--seq", "64", "--bsz", "2", "--steps", "1", "--warm", "0",
                      "--runs", "auto", "--budget-gib", str(gib), "--json", str(out)]) == 0
         assert json.loads(out.read_text())[0]["policy"] == want
+
+
+def test_bench_host_tail_times_each_phase(tmp_path):
+    """--host-tail: 3 more steps after the timed ones, the host's milliseconds per phase of the step."""
+    out = tmp_path / "r.json"
+    assert main(["--shape", "tiny", "--device", "cpu", "--seq", "32", "--bsz", "2", "--steps", "1", "--warm", "0",
+                 "--runs", "off", "--host-tail", "--json", str(out)]) == 0
+    ms = json.loads(out.read_text())[0]["host_ms"]
+    for phase in ("forward queued", "backward queued", "gather + clip queued", "host read (waits for the GPU)",
+                  "optimizer step", "scheduler", "zero_grad", "between steps"):
+        assert phase in ms and ms[phase] >= 0, phase
+    assert ms["forward queued"] > ms["scheduler"]                  # a forward pass costs more than an lr update
